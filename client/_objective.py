@@ -1,0 +1,84 @@
+"""Objectives: the scalar whose gradients the server computes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from gradtap.v1 import gradtap_pb2 as pb
+
+from ._tensor import encode
+
+_REDUCTIONS = {"mean": pb.LOSS_REDUCTION_MEAN, "sum": pb.LOSS_REDUCTION_SUM}
+
+
+def _site(output: int, node: str | None) -> pb.ObjectiveSite:
+    if output < 0:
+        raise ValueError("output must be >= 0")
+    return pb.ObjectiveSite(output=output, node=node or "")
+
+
+def _reduction(reduction: str) -> int:
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be 'mean' or 'sum', not {reduction!r}")
+    return _REDUCTIONS[reduction]
+
+
+class Objective:
+    """The scalar to differentiate, taken at a model output or at an intermediate node.
+
+    Build one with the class methods; `output` picks among a model's outputs (tuple models),
+    `node` takes the objective at a graph node or module path instead.
+    """
+
+    def __init__(self, message: pb.Objective) -> None:
+        self.message = message
+
+    def __repr__(self) -> str:
+        kind = self.message.WhichOneof("kind")
+        site = getattr(self.message, kind).site if kind else None
+        where = f"node={site.node!r}" if site and site.node else f"output={site.output if site else 0}"
+        return f"Objective.{kind}({where})"
+
+    @classmethod
+    def sum(cls, output: int = 0, node: str | None = None) -> Objective:
+        """The sum of every element of the output (or node)."""
+        return cls(pb.Objective(sum=pb.SumObjective(site=_site(output, node))))
+
+    @classmethod
+    def logit(
+        cls, index: int | Sequence[int], output: int = 0, node: str | None = None
+    ) -> Objective:
+        """The sum over rows of element `index` of each row; or one index per row."""
+        indices = [int(index)] if np.ndim(index) == 0 else [int(i) for i in index]  # type: ignore[union-attr]
+        return cls(pb.Objective(logit=pb.LogitObjective(site=_site(output, node), index=indices)))
+
+    @classmethod
+    def cross_entropy(
+        cls, labels: Any, output: int = 0, node: str | None = None, reduction: str = "mean"
+    ) -> Objective:
+        """F.cross_entropy(logits, labels): labels are class indices, one per row."""
+        message = pb.CrossEntropyObjective(
+            site=_site(output, node),
+            labels=encode(np.asarray(labels, dtype=np.int64)),
+            reduction=_reduction(reduction),
+        )
+        return cls(pb.Objective(cross_entropy=message))
+
+    @classmethod
+    def mse(
+        cls, target: Any, node: str | None = None, output: int = 0, reduction: str = "mean"
+    ) -> Objective:
+        """F.mse_loss(site, target); with `node`, at an intermediate activation."""
+        message = pb.MseObjective(
+            site=_site(output, node), target=encode(np.asarray(target)), reduction=_reduction(reduction)
+        )
+        return cls(pb.Objective(mse=message))
+
+    @classmethod
+    def grad_outputs(cls, array: Any, output: int = 0, node: str | None = None) -> Objective:
+        """A vector-Jacobian product: `array` is the upstream gradient at the site."""
+        message = pb.GradOutputsObjective(site=_site(output, node), grad_output=encode(np.asarray(array)))
+        return cls(pb.Objective(grad_outputs=message))

@@ -1,0 +1,88 @@
+"""Building requests and channels: shared by the sync and asyncio clients."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+import numpy as np
+
+from gradtap.v1 import gradtap_pb2 as pb
+
+from ._objective import Objective
+from ._tensor import encode
+
+MAX_SEND_BYTES = 64 << 20
+"""Largest request the client sends (inputs travel in one message); the server's default."""
+
+MAX_RECEIVE_BYTES = 16 << 20
+"""Largest response message accepted; results arrive in chunks of at most 1 MiB."""
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+
+
+def channel_options(extra: Sequence[tuple[str, Any]] = ()) -> list[tuple[str, Any]]:
+    """Message limits set explicitly on both sides, and round-robin over several backends."""
+    config = {"loadBalancingConfig": [{"round_robin": {}}]}
+    return [
+        ("grpc.max_send_message_length", MAX_SEND_BYTES),
+        ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
+        ("grpc.service_config", json.dumps(config)),
+        *extra,
+    ]
+
+
+def credentials(
+    root_certificates: bytes | None,
+    private_key: bytes | None,
+    certificate_chain: bytes | None,
+) -> grpc.ChannelCredentials | None:
+    """TLS credentials when any certificate material is given, else None (plaintext)."""
+    if root_certificates is None and private_key is None and certificate_chain is None:
+        return None
+    return grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
+
+
+def call_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def model_ref(model: str, digest: str | None) -> pb.Model:
+    if not isinstance(model, str) or not model:
+        raise ValueError("model must be a model name, e.g. 'seed-convnet'")
+    return pb.Model(name=model, digest=digest or "")
+
+
+def analyze_request(
+    model: str,
+    inputs: Any,
+    targets: Sequence[str],
+    objective: Objective | None,
+    *,
+    input_grad: bool,
+    activations: bool,
+    outputs: bool,
+    digest: str | None,
+) -> pb.AnalyzeRequest:
+    """Encodes an analyze call: one array or a list of arrays, named targets, an objective."""
+    arrays = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+    if isinstance(targets, str):
+        targets = [targets]
+    capture = pb.CAPTURE_GRADIENT_AND_ACTIVATION if activations else pb.CAPTURE_GRADIENT
+    if objective is None:
+        # Without an objective only activations make sense.
+        capture = pb.CAPTURE_ACTIVATION
+    if objective is not None and not isinstance(objective, Objective):
+        raise TypeError("objective must be built with gradtap.client.Objective")
+    request = pb.AnalyzeRequest(
+        model=model_ref(model, digest),
+        inputs=[encode(np.asarray(a)) for a in arrays],
+        targets=[pb.TargetLayer(name=str(t), capture=capture) for t in targets],
+        input_gradients=input_grad,
+        outputs=outputs,
+    )
+    if objective is not None:
+        request.objective.CopyFrom(objective.message)
+    return request

@@ -1,0 +1,215 @@
+"""Results: reassembling an Analyze stream into numpy arrays, and model descriptions."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import numpy as np
+
+from gradtap.v1 import gradtap_pb2 as pb
+
+from ._errors import GradtapError
+from ._tensor import DTYPE_NAMES, NUMPY_DTYPES
+
+
+@dataclass
+class Result:
+    """What one analysis returned, as numpy arrays keyed as they were asked for.
+
+    Attributes:
+        gradients: target name -> gradient of the objective at that target.
+        activations: target name -> the target's forward value.
+        input_grads: input position -> gradient with respect to that input.
+        outputs: the model's outputs, in order (when requested).
+        loss: the objective's value (NaN without an objective).
+        metadata: model, model_digest, device, torch_version, replica, timings (ms) and
+            bytes_received (tensor bytes that crossed the wire).
+    """
+
+    gradients: dict[str, np.ndarray] = field(default_factory=dict)
+    activations: dict[str, np.ndarray] = field(default_factory=dict)
+    input_grads: dict[int, np.ndarray] = field(default_factory=dict)
+    outputs: list[np.ndarray] = field(default_factory=list)
+    loss: float = float("nan")
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def _broken(message: str) -> GradtapError:
+    return GradtapError(grpc.StatusCode.DATA_LOSS, message)
+
+
+class Assembler:
+    """Feeds stream messages in order; copies each chunk straight into its preallocated array.
+
+    `result()` returns only a complete result: a header, every byte of every tensor, and
+    the summary. Anything else raises GradtapError(DATA_LOSS).
+    """
+
+    def __init__(self, model: str) -> None:
+        self._model = model
+        self._headers: list[pb.TensorHeader] | None = None
+        self._arrays: list[np.ndarray] = []
+        self._bytes: list[np.ndarray] = []
+        self._filled: list[int] = []
+        self._summary: pb.AnalyzeSummary | None = None
+        self._received = 0
+
+    def feed(self, message: pb.AnalyzeResponse) -> None:
+        if self._summary is not None:
+            raise _broken("the stream went on after its summary")
+        if message.HasField("header"):
+            if self._headers is not None:
+                raise _broken("the stream sent a second header")
+            self._allocate(list(message.header.tensors))
+        elif self._headers is None:
+            raise _broken("the stream did not start with a header")
+        for chunk in message.chunks:
+            self._copy(chunk)
+        if message.HasField("summary"):
+            self._finish(message.summary)
+
+    def _allocate(self, headers: list[pb.TensorHeader]) -> None:
+        for i, h in enumerate(headers):
+            dtype = NUMPY_DTYPES.get(h.dtype)
+            shape = tuple(h.shape)
+            if h.id != i or dtype is None or any(d < 0 for d in shape):
+                raise _broken(f"tensor header {i} is malformed")
+            if math.prod(shape) * dtype.itemsize != h.byte_size:
+                raise _broken(f"tensor header {i}: byte_size does not match shape and dtype")
+            array = np.empty(shape, dtype=dtype)
+            self._arrays.append(array)
+            self._bytes.append(array.reshape(-1).view(np.uint8))
+            self._filled.append(0)
+        self._headers = headers
+
+    def _copy(self, chunk: pb.TensorChunk) -> None:
+        if chunk.tensor_id >= len(self._bytes):
+            raise _broken(f"a chunk names unknown tensor {chunk.tensor_id}")
+        target = self._bytes[chunk.tensor_id]
+        start, size = chunk.offset, len(chunk.data)
+        if start != self._filled[chunk.tensor_id] or start + size > target.size:
+            raise _broken(f"tensor {chunk.tensor_id}: chunk at offset {start} is out of order")
+        target[start : start + size] = np.frombuffer(chunk.data, dtype=np.uint8)
+        self._filled[chunk.tensor_id] = start + size
+        self._received += size
+
+    def _finish(self, summary: pb.AnalyzeSummary) -> None:
+        if self._headers is None or summary.tensor_count != len(self._headers):
+            raise _broken("the summary's tensor count does not match the header")
+        for i, (filled, raw) in enumerate(zip(self._filled, self._bytes)):
+            if filled != raw.size:
+                raise _broken(f"tensor {i} is incomplete: {filled} of {raw.size} bytes")
+        self._summary = summary
+
+    def result(self) -> Result:
+        """The complete result; GradtapError(DATA_LOSS) if the stream was cut short."""
+        if self._summary is None or self._headers is None:
+            raise _broken("the stream ended before its summary; the result is incomplete")
+        s = self._summary
+        result = Result(
+            loss=s.loss,
+            metadata={
+                "model": self._model,
+                "model_digest": s.model_digest,
+                "device": s.device,
+                "torch_version": s.torch_version,
+                "replica": s.replica,
+                "timings": {
+                    "decode_ms": s.timings.decode_ms,
+                    "forward_ms": s.timings.forward_ms,
+                    "backward_ms": s.timings.backward_ms,
+                    "collect_ms": s.timings.collect_ms,
+                    "total_ms": s.timings.total_ms,
+                },
+                "bytes_received": self._received,
+            },
+        )
+        outputs: dict[int, np.ndarray] = {}
+        for h, array in zip(self._headers, self._arrays):
+            if h.role == pb.TENSOR_ROLE_GRADIENT:
+                result.gradients[h.name] = array
+            elif h.role == pb.TENSOR_ROLE_ACTIVATION:
+                result.activations[h.name] = array
+            elif h.role == pb.TENSOR_ROLE_INPUT_GRADIENT:
+                result.input_grads[h.index] = array
+            elif h.role == pb.TENSOR_ROLE_OUTPUT:
+                outputs[h.index] = array
+        result.outputs = [outputs[i] for i in sorted(outputs)]
+        return result
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A served model: its name, content digest and where it came from."""
+
+    name: str
+    digest: str
+    source: str
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor's dtype and shape; None marks a dynamic dimension."""
+
+    dtype: str
+    shape: tuple[int | None, ...]
+    min_shape: tuple[int, ...] = ()
+    max_shape: tuple[int | None, ...] = ()
+
+
+@dataclass(frozen=True)
+class Node:
+    """A targetable node of the model's exported graph."""
+
+    name: str
+    op: str
+    dtype: str
+    shape: tuple[int | None, ...]
+    differentiable: bool
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    """What DescribeModel says: inputs, outputs, nodes, modules and parameters."""
+
+    name: str
+    digest: str
+    source: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    nodes: list[Node]
+    modules: dict[str, str]
+    """module path -> the node producing its output."""
+    parameters: list[str]
+
+
+def _spec(s: pb.TensorSpec) -> TensorSpec:
+    return TensorSpec(
+        dtype=DTYPE_NAMES.get(s.dtype, "unknown"),
+        shape=tuple(d if d >= 0 else None for d in s.shape),
+        min_shape=tuple(s.min_shape),
+        max_shape=tuple(d if d >= 0 else None for d in s.max_shape),
+    )
+
+
+def model_info(m: pb.ModelSummary) -> ModelInfo:
+    return ModelInfo(name=m.name, digest=m.digest, source=m.source)
+
+
+def description(r: pb.DescribeModelResponse) -> ModelDescription:
+    return ModelDescription(
+        name=r.model.name,
+        digest=r.model.digest,
+        source=r.model.source,
+        inputs=[_spec(s) for s in r.inputs],
+        outputs=[_spec(s) for s in r.outputs],
+        nodes=[
+            Node(n.name, n.op, _spec(n.spec).dtype, _spec(n.spec).shape, n.differentiable)
+            for n in r.nodes
+        ],
+        modules={m.path: m.node for m in r.modules},
+        parameters=list(r.parameters),
+    )

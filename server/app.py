@@ -1,0 +1,157 @@
+"""The server process: build the gRPC server, load models, report health, drain on SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from gradtap.v1 import gradtap_pb2 as pb
+from gradtap.v1 import gradtap_pb2_grpc as pb_grpc
+
+from .engine import Engine
+from .models import Registry, load_builtins, load_repository
+from .servicer import GradientServicer, Limits
+from .wire import CHUNK_BYTES
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GradientService"].full_name
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How the server runs; `gradtap serve` fills this from its flags."""
+
+    device: str = "auto"
+    model_repository: Path | None = None
+    builtins: bool = True
+    max_workers: int = 8
+    max_request_bytes: int = 64 << 20
+    max_tensor_elements: int = 1 << 28
+    grace_seconds: float = 10.0
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" means CUDA when present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but torch sees no CUDA device")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {name!r}: use auto, cpu or cuda")
+    return device
+
+
+@dataclass
+class Running:
+    """A started server and the handles needed to stop it well."""
+
+    server: grpc.Server
+    port: int
+    health: health.HealthServicer
+    registry: Registry
+
+    def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for service in ("", SERVICE_NAME):
+            self.health.set(service, status)
+
+    def drain(self, grace: float) -> None:
+        """Turns health NOT_SERVING, refuses new calls and lets in-flight ones finish."""
+        self.set_serving(False)
+        self.server.stop(grace).wait()
+
+
+def start(
+    address: str = "127.0.0.1:0",
+    settings: Settings | None = None,
+    credentials: grpc.ServerCredentials | None = None,
+) -> Running:
+    """Starts a server on `address` (port 0 picks a free port), then loads the models.
+
+    Health answers NOT_SERVING until every model has loaded, then SERVING.
+    """
+    settings = settings or Settings()
+    device = resolve_device(settings.device)
+    registry = Registry(device)
+    engine = Engine(device)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="gradtap"),
+        options=[
+            ("grpc.max_receive_message_length", settings.max_request_bytes),
+            # Result messages carry at most 1 MiB of tensor bytes plus their headers.
+            ("grpc.max_send_message_length", 4 * CHUNK_BYTES),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    servicer = GradientServicer(
+        registry, engine, Limits(max_tensor_elements=settings.max_tensor_elements)
+    )
+    pb_grpc.add_GradientServiceServicer_to_server(servicer, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
+    if port == 0:
+        raise OSError(f"could not bind {address}")
+    running = Running(server=server, port=port, health=health_servicer, registry=registry)
+    running.set_serving(False)
+    server.start()
+    try:
+        if settings.builtins:
+            load_builtins(registry)
+        if settings.model_repository is not None:
+            refused = load_repository(registry, settings.model_repository)
+            if refused:
+                log.error("refused %d model archive(s): %s", len(refused), ", ".join(refused))
+    except BaseException:
+        server.stop(None)
+        raise
+    running.set_serving(True)
+    log.info("serving %d model(s) on port %d (%s)", len(registry), port, device)
+    return running
+
+
+def create_server(
+    address: str = "127.0.0.1:0", settings: Settings | None = None
+) -> tuple[grpc.Server, int]:
+    """A started, SERVING server and its port: the testable factory."""
+    running = start(address, settings)
+    return running.server, running.port
+
+
+def serve(address: str, settings: Settings) -> None:
+    """Runs until SIGTERM or SIGINT, then drains within the grace period and returns."""
+    running = start(address, settings)
+    stopping = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("signal %d: draining for up to %.0f s", signum, settings.grace_seconds)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    print(f"gradtap serving {len(running.registry)} model(s) on {address.rsplit(':', 1)[0]}:"
+          f"{running.port}", flush=True)
+    stopping.wait()
+    running.drain(settings.grace_seconds)

@@ -1,0 +1,470 @@
+"""Pure torch: resolve targets, run the forward and backward passes, collect the tensors.
+
+The engine knows nothing of gRPC. It runs an exported program's flat graph, rewritten so
+that every requested node is also a graph output; `torch.autograd.grad` on those outputs
+gives exactly what `retain_grad()` would, without hooks and without parameter gradients
+that nobody asked for.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .errors import Cancelled, InvalidArgument
+from .models import Model
+
+_VARIANTS_PER_MODEL = 32
+"""Compiled graph variants kept per model (one per distinct set of captured nodes)."""
+
+
+class Role(enum.Enum):
+    """What a returned tensor is."""
+
+    ACTIVATION = "activation"
+    GRADIENT = "gradient"
+    INPUT_GRADIENT = "input_gradient"
+    OUTPUT = "output"
+
+
+@dataclass(frozen=True)
+class Target:
+    """A node to capture, named as the caller named it (graph node or module path)."""
+
+    name: str
+    activation: bool = False
+    gradient: bool = True
+
+
+@dataclass(frozen=True)
+class Objective:
+    """The scalar to differentiate, taken at a model output or at a node.
+
+    `kind` is one of "sum", "logit", "cross_entropy", "mse", "grad_outputs". `field` is the
+    request field that holds it, used to name the culprit in errors.
+    """
+
+    kind: str
+    output: int = 0
+    node: str = ""
+    index: tuple[int, ...] = ()
+    tensor: torch.Tensor | None = None
+    reduction: str = "mean"
+    field: str = "objective"
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """One forward and backward pass, as the caller asked for it."""
+
+    inputs: Sequence[torch.Tensor]
+    targets: Sequence[Target] = ()
+    objective: Objective | None = None
+    input_gradients: bool = False
+    outputs: bool = False
+
+
+@dataclass(frozen=True)
+class Collected:
+    """One tensor of the result, on the host."""
+
+    role: Role
+    name: str
+    index: int
+    tensor: torch.Tensor
+
+
+@dataclass
+class Outcome:
+    """Everything an analysis produced."""
+
+    tensors: list[Collected]
+    loss: float
+    device: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+ShouldStop = Callable[[], bool]
+
+
+def _never() -> bool:
+    return False
+
+
+class Engine:
+    """Runs analyses on prepared models; safe to call from many threads at once."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._lock = threading.Lock()
+        self._variants: dict[str, OrderedDict[tuple[str, ...], torch.fx.GraphModule]] = {}
+
+    # -- graph variants ---------------------------------------------------------------------
+
+    def _variant(self, model: Model, captures: tuple[str, ...]) -> torch.fx.GraphModule:
+        """The model's flat graph returning (user outputs..., captured nodes...)."""
+        with self._lock:
+            cache = self._variants.setdefault(model.name, OrderedDict())
+            module = cache.get(captures)
+            if module is not None:
+                cache.move_to_end(captures)
+                return module
+        source = model.program.graph
+        graph = torch.fx.Graph()
+        copied: dict[torch.fx.Node, torch.fx.Node] = {}
+        flat_outputs = graph.graph_copy(source, copied)
+        assert isinstance(flat_outputs, (tuple, list))
+        by_name = {old.name: new for old, new in copied.items()}
+        user_outputs = [flat_outputs[p] for p in model.output_positions]
+        graph.output((*user_outputs, *(by_name[name] for name in captures)))
+        module = torch.fx.GraphModule(model.program.graph_module, graph)
+        with self._lock:
+            cache[captures] = module
+            while len(cache) > _VARIANTS_PER_MODEL:
+                cache.popitem(last=False)
+        return module
+
+    # -- request checks ---------------------------------------------------------------------
+
+    @staticmethod
+    def resolve(model: Model, name: str) -> str | None:
+        """The graph node a target name means: a node name, else a module path's output."""
+        if name in model.nodes:
+            return name
+        module = model.modules.get(name)
+        return module[1] if module else None
+
+    @staticmethod
+    def check_inputs(model: Model, inputs: Sequence[torch.Tensor]) -> None:
+        """Checks count, dtype and shape of every input against the exported input specs."""
+        if len(inputs) != len(model.inputs):
+            raise InvalidArgument(
+                f"{model.name} takes {len(model.inputs)} input(s), got {len(inputs)}",
+                reason="WRONG_INPUT_COUNT",
+                field="inputs",
+            )
+        bound: dict[str, tuple[int, int]] = {}
+        for i, (tensor, spec) in enumerate(zip(inputs, model.inputs)):
+            if tensor.dtype != spec.dtype:
+                raise InvalidArgument(
+                    f"inputs[{i}] has dtype {_dtype_name(tensor.dtype)}, "
+                    f"{model.name} expects {_dtype_name(spec.dtype)}",
+                    reason="WRONG_DTYPE",
+                    field=f"inputs[{i}].dtype",
+                )
+            expected = _shape_text(spec.dims)
+            if tensor.dim() != len(spec.dims):
+                raise InvalidArgument(
+                    f"inputs[{i}] has shape {list(tensor.shape)}, {model.name} expects {expected}",
+                    reason="WRONG_SHAPE",
+                    field=f"inputs[{i}].shape",
+                )
+            for d, (size, dim) in enumerate(zip(tensor.shape, spec.dims)):
+                ok = size == dim.size if dim.size is not None else (
+                    size >= dim.min and (dim.max is None or size <= dim.max)
+                )
+                if dim.size is None and ok:
+                    first = bound.setdefault(dim.symbol, (size, i))
+                    ok = first[0] == size
+                if not ok:
+                    raise InvalidArgument(
+                        f"inputs[{i}] has shape {list(tensor.shape)}, {model.name} expects "
+                        f"{expected} (dimension {d})",
+                        reason="WRONG_SHAPE",
+                        field=f"inputs[{i}].shape",
+                    )
+
+    # -- the analysis -----------------------------------------------------------------------
+
+    def analyze(self, model: Model, request: Analysis, should_stop: ShouldStop = _never) -> Outcome:
+        """Runs one forward and backward pass; raises RequestError subclasses on bad requests."""
+        started = time.perf_counter()
+        self.check_inputs(model, request.inputs)
+        captures, target_nodes = self._plan(model, request)
+        objective = request.objective
+        wants_grad = request.input_gradients or any(t.gradient for t in request.targets)
+        if wants_grad and objective is None:
+            raise InvalidArgument(
+                "gradients need an objective (sum, logit, cross_entropy, mse or grad_outputs)",
+                reason="OBJECTIVE_REQUIRED",
+                field="objective",
+            )
+        if should_stop():
+            raise Cancelled("the call was cancelled", reason="CANCELLED")
+        timings: dict[str, float] = {"decode_ms": 0.0}
+
+        grad_mode = torch.enable_grad() if objective is not None else torch.no_grad()
+        with grad_mode:
+            inputs = [t.to(self.device) for t in request.inputs]
+            if objective is not None:
+                for t in inputs:
+                    if t.is_floating_point():
+                        t.requires_grad_(True)
+            # Gradients reach a node only if something upstream requires them. Inputs do for
+            # most models; where a node hangs off weights alone (an embedding of token ids),
+            # the weights must, too. autograd.grad still computes no weight gradient.
+            through_weights = objective is not None and any(
+                node not in model.input_dependent
+                for node in self._grad_sites(model, request, target_nodes)
+            )
+            state = [
+                v.detach().requires_grad_(True) if through_weights and v.is_floating_point() else v
+                for _, v, _ in model.state
+            ]
+            module = self._variant(model, captures)
+            t0 = time.perf_counter()
+            flat = module(*state, *inputs)
+            n_out = len(model.output_positions)
+            outputs = list(flat[:n_out])
+            captured = dict(zip(captures, flat[n_out:]))
+            self._sync()
+            timings["forward_ms"] = (time.perf_counter() - t0) * 1e3
+            if should_stop():
+                raise Cancelled("the call was cancelled", reason="CANCELLED")
+
+            loss_value = float("nan")
+            gradients: dict[str, torch.Tensor] = {}
+            input_grads: dict[int, torch.Tensor] = {}
+            t0 = time.perf_counter()
+            if objective is not None:
+                site = self._site(model, objective, outputs, captured)
+                loss = _loss(objective, site)
+                loss_value = float(loss.detach())
+                grad_nodes = list(dict.fromkeys(
+                    node for t, node in zip(request.targets, target_nodes) if t.gradient
+                ))
+                grad_inputs = [
+                    i for i, t in enumerate(inputs) if request.input_gradients and t.is_floating_point()
+                ]
+                wrt = [captured[n] for n in grad_nodes] + [inputs[i] for i in grad_inputs]
+                grads = _grad(loss, wrt)
+                gradients = dict(zip(grad_nodes, grads[: len(grad_nodes)]))
+                input_grads = dict(zip(grad_inputs, grads[len(grad_nodes) :]))
+            self._sync()
+            timings["backward_ms"] = (time.perf_counter() - t0) * 1e3
+            if should_stop():
+                raise Cancelled("the call was cancelled", reason="CANCELLED")
+
+        t0 = time.perf_counter()
+        tensors: list[Collected] = []
+        for target, node in zip(request.targets, target_nodes):
+            if target.activation:
+                tensors.append(Collected(Role.ACTIVATION, target.name, 0, _host(captured[node])))
+            if target.gradient:
+                tensors.append(Collected(Role.GRADIENT, target.name, 0, _host(gradients[node])))
+        for i, g in input_grads.items():
+            tensors.append(Collected(Role.INPUT_GRADIENT, "", i, _host(g)))
+        if request.outputs:
+            for i, out in enumerate(outputs):
+                tensors.append(Collected(Role.OUTPUT, "", i, _host(out)))
+        timings["collect_ms"] = (time.perf_counter() - t0) * 1e3
+        timings["total_ms"] = (time.perf_counter() - started) * 1e3
+        return Outcome(tensors=tensors, loss=loss_value, device=str(self.device), timings=timings)
+
+    def _plan(self, model: Model, request: Analysis) -> tuple[tuple[str, ...], list[str]]:
+        """Resolves targets to nodes; returns the nodes to capture and each target's node."""
+        seen: set[tuple[str, bool, bool]] = set()
+        target_nodes = []
+        for i, target in enumerate(request.targets):
+            node = self.resolve(model, target.name)
+            if node is None:
+                raise InvalidArgument(
+                    f"unknown target {_clip(target.name)!r}: not a graph node or module path of "
+                    f"{model.name} (DescribeModel lists them)",
+                    reason="UNKNOWN_TARGET",
+                    field=f"targets[{i}].name",
+                )
+            key = (target.name, target.activation, target.gradient)
+            if key in seen or (target.name, True, True) in seen:
+                raise InvalidArgument(
+                    f"target {_clip(target.name)!r} is requested twice",
+                    reason="DUPLICATE_TARGET",
+                    field=f"targets[{i}].name",
+                )
+            seen.add(key)
+            if target.gradient and not model.nodes[node].differentiable:
+                raise InvalidArgument(
+                    f"target {_clip(target.name)!r} has dtype "
+                    f"{_dtype_name(model.nodes[node].spec.dtype)}: it has an activation "
+                    "but no gradient",
+                    reason="NOT_DIFFERENTIABLE",
+                    field=f"targets[{i}].capture",
+                )
+            target_nodes.append(node)
+        captures = list(dict.fromkeys(target_nodes))
+        objective = request.objective
+        if objective is not None:
+            if objective.node:
+                node = self.resolve(model, objective.node)
+                if node is None:
+                    raise InvalidArgument(
+                        f"unknown objective node {_clip(objective.node)!r}",
+                        reason="UNKNOWN_TARGET",
+                        field=f"{objective.field}.site.node",
+                    )
+                if node not in captures:
+                    captures.append(node)
+            elif objective.output >= len(model.outputs):
+                raise InvalidArgument(
+                    f"output {objective.output} does not exist: {model.name} has "
+                    f"{len(model.outputs)} output(s)",
+                    reason="UNKNOWN_OUTPUT",
+                    field=f"{objective.field}.site.output",
+                )
+        return tuple(captures), target_nodes
+
+    def _grad_sites(self, model: Model, request: Analysis, target_nodes: list[str]) -> list[str]:
+        """The nodes that must carry gradients: gradient targets and the objective's site."""
+        sites = [node for t, node in zip(request.targets, target_nodes) if t.gradient]
+        objective = request.objective
+        if objective is not None:
+            if objective.node:
+                node = self.resolve(model, objective.node)
+                sites.append(node or "")
+            else:
+                sites.append(model.output_nodes[objective.output])
+        return sites
+
+    def _site(
+        self,
+        model: Model,
+        objective: Objective,
+        outputs: list[torch.Tensor],
+        captured: dict[str, torch.Tensor],
+    ) -> torch.Tensor:
+        if objective.node:
+            node = self.resolve(model, objective.node)
+            assert node is not None
+            return captured[node]
+        return outputs[objective.output]
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def _grad(loss: torch.Tensor, wrt: list[torch.Tensor]) -> list[torch.Tensor]:
+    """d loss / d t for each t; zeros where the loss does not depend on t."""
+    needs = [i for i, t in enumerate(wrt) if t.requires_grad]
+    grads: list[torch.Tensor | None] = [None] * len(wrt)
+    if needs and loss.requires_grad:
+        computed = torch.autograd.grad(loss, [wrt[i] for i in needs], allow_unused=True)
+        for i, g in zip(needs, computed):
+            grads[i] = g
+    return [g if g is not None else torch.zeros_like(t) for g, t in zip(grads, wrt)]
+
+
+def _loss(objective: Objective, site: torch.Tensor) -> torch.Tensor:
+    """The objective's scalar at `site`, checking that the objective fits the site."""
+    f = objective.field
+    if not site.is_floating_point():
+        raise InvalidArgument(
+            f"the objective's site has dtype {_dtype_name(site.dtype)}; it needs floating point",
+            reason="NOT_DIFFERENTIABLE",
+            field=f"{f}.site",
+        )
+    kind = objective.kind
+    if kind == "sum":
+        return site.sum()
+    if kind == "logit":
+        return _logit(objective, site)
+    if kind == "cross_entropy":
+        labels = _required(objective, "labels")
+        expected = (site.shape[0], *site.shape[2:]) if site.dim() >= 2 else ()
+        if site.dim() < 2 or tuple(labels.shape) != expected:
+            raise InvalidArgument(
+                f"labels have shape {list(labels.shape)}; logits of shape {list(site.shape)} "
+                f"need labels of shape {list(expected)}",
+                reason="WRONG_SHAPE",
+                field=f"{f}.labels",
+            )
+        if labels.dtype != torch.int64:
+            raise InvalidArgument(
+                "labels must be int64 class indices", reason="WRONG_DTYPE", field=f"{f}.labels"
+            )
+        classes = site.shape[1]
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= classes):
+            raise InvalidArgument(
+                f"labels must lie in [0, {classes})", reason="OUT_OF_RANGE", field=f"{f}.labels"
+            )
+        return F.cross_entropy(site, labels.to(site.device), reduction=objective.reduction)
+    if kind in ("mse", "grad_outputs"):
+        name = "target" if kind == "mse" else "grad_output"
+        other = _required(objective, name)
+        if tuple(other.shape) != tuple(site.shape):
+            raise InvalidArgument(
+                f"{name} has shape {list(other.shape)}; the site has shape {list(site.shape)}",
+                reason="WRONG_SHAPE",
+                field=f"{f}.{name}",
+            )
+        if not other.is_floating_point():
+            raise InvalidArgument(
+                f"{name} must be floating point", reason="WRONG_DTYPE", field=f"{f}.{name}"
+            )
+        other = other.to(device=site.device, dtype=site.dtype)
+        if kind == "mse":
+            return F.mse_loss(site, other, reduction=objective.reduction)
+        return (site * other).sum()
+    raise InvalidArgument(f"unknown objective {kind!r}", reason="BAD_OBJECTIVE", field=f)
+
+
+def _logit(objective: Objective, site: torch.Tensor) -> torch.Tensor:
+    f = objective.field
+    index = list(objective.index)
+    if not index:
+        raise InvalidArgument("logit needs an index", reason="BAD_OBJECTIVE", field=f"{f}.index")
+    if site.dim() == 0:
+        raise InvalidArgument(
+            "logit needs a site with at least one dimension", reason="BAD_OBJECTIVE", field=f"{f}"
+        )
+    rows = site.reshape(site.shape[0], -1) if site.dim() >= 2 else site.reshape(1, -1)
+    width = rows.shape[1]
+    if any(i < 0 or i >= width for i in index):
+        raise InvalidArgument(
+            f"logit index must lie in [0, {width})", reason="OUT_OF_RANGE", field=f"{f}.index"
+        )
+    if len(index) == 1:
+        return rows[:, index[0]].sum()
+    if site.dim() >= 2 and len(index) == rows.shape[0]:
+        picked = torch.tensor(index, device=site.device)
+        return rows[torch.arange(rows.shape[0], device=site.device), picked].sum()
+    raise InvalidArgument(
+        f"logit index has {len(index)} values: give one, or one per row ({rows.shape[0]})",
+        reason="BAD_OBJECTIVE",
+        field=f"{f}.index",
+    )
+
+
+def _required(objective: Objective, name: str) -> torch.Tensor:
+    if objective.tensor is None:
+        raise InvalidArgument(
+            f"{objective.kind} needs {name}", reason="BAD_OBJECTIVE", field=f"{objective.field}.{name}"
+        )
+    return objective.tensor
+
+
+def _host(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu").contiguous()
+
+
+def _clip(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _shape_text(dims: Sequence[object]) -> str:
+    parts = []
+    for d in dims:
+        size = getattr(d, "size", None)
+        parts.append(str(size) if size is not None else getattr(d, "symbol", "?"))
+    return "[" + ", ".join(parts) + "]"

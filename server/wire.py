@@ -1,0 +1,138 @@
+"""Tensors on the wire: checking and decoding request tensors, framing results into chunks."""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from gradtap.v1 import gradtap_pb2 as pb
+
+from .engine import Collected, Role
+from .errors import InvalidArgument, ResourceExhausted
+
+if sys.byteorder != "little":  # the wire is little-endian and tensors are sent as raw memory
+    raise ImportError("gradtap's server needs a little-endian machine")
+
+CHUNK_BYTES = 1 << 20
+"""Most tensor bytes carried by one stream message."""
+
+MAX_RANK = 8
+"""Most dimensions a request tensor may have."""
+
+TORCH_DTYPES: dict[int, torch.dtype] = {
+    pb.DTYPE_FLOAT32: torch.float32,
+    pb.DTYPE_FLOAT64: torch.float64,
+    pb.DTYPE_FLOAT16: torch.float16,
+    pb.DTYPE_BFLOAT16: torch.bfloat16,
+    pb.DTYPE_INT64: torch.int64,
+    pb.DTYPE_INT32: torch.int32,
+    pb.DTYPE_INT16: torch.int16,
+    pb.DTYPE_INT8: torch.int8,
+    pb.DTYPE_UINT8: torch.uint8,
+    pb.DTYPE_BOOL: torch.bool,
+}
+"""The dtype allow-list: wire dtype -> torch dtype."""
+
+WIRE_DTYPES: dict[torch.dtype, int] = {v: k for k, v in TORCH_DTYPES.items()}
+
+ROLES = {
+    Role.ACTIVATION: pb.TENSOR_ROLE_ACTIVATION,
+    Role.GRADIENT: pb.TENSOR_ROLE_GRADIENT,
+    Role.INPUT_GRADIENT: pb.TENSOR_ROLE_INPUT_GRADIENT,
+    Role.OUTPUT: pb.TENSOR_ROLE_OUTPUT,
+}
+
+
+def decode(message: pb.Tensor, field: str, max_elements: int) -> torch.Tensor:
+    """Checks a request tensor's dtype, rank, size and byte length, then copies it out.
+
+    Every check happens before any tensor memory is allocated.
+    """
+    dtype = TORCH_DTYPES.get(message.dtype)
+    if dtype is None:
+        name = pb.DType.Name(message.dtype) if message.dtype in pb.DType.values() else message.dtype
+        raise InvalidArgument(
+            f"{field}.dtype {name} is not supported", reason="UNSUPPORTED_DTYPE", field=f"{field}.dtype"
+        )
+    shape = list(message.shape)
+    if len(shape) > MAX_RANK:
+        raise InvalidArgument(
+            f"{field} has rank {len(shape)}; at most {MAX_RANK} dimensions are accepted",
+            reason="RANK_TOO_HIGH",
+            field=f"{field}.shape",
+        )
+    if any(d < 0 for d in shape):
+        raise InvalidArgument(
+            f"{field}.shape has a negative dimension", reason="WRONG_SHAPE", field=f"{field}.shape"
+        )
+    elements = math.prod(shape)
+    if elements > max_elements:
+        raise ResourceExhausted(
+            f"{field} has {elements} elements; the server accepts at most {max_elements}",
+            reason="TENSOR_TOO_LARGE",
+            field=f"{field}.shape",
+        )
+    expected = elements * dtype.itemsize
+    if len(message.data) != expected:
+        raise InvalidArgument(
+            f"{field}.data has {len(message.data)} bytes; shape {shape} of "
+            f"{pb.DType.Name(message.dtype)} needs {expected}",
+            reason="DATA_SIZE_MISMATCH",
+            field=f"{field}.data",
+        )
+    if dtype == torch.bool and message.data.translate(None, b"\x00\x01"):
+        raise InvalidArgument(
+            f"{field}.data holds a bool that is neither 0 nor 1",
+            reason="BAD_BOOL",
+            field=f"{field}.data",
+        )
+    flat = torch.frombuffer(bytearray(message.data), dtype=torch.uint8) if expected else None
+    if flat is None:
+        return torch.empty(shape, dtype=dtype)
+    return flat.view(dtype).reshape(shape)
+
+
+def header(tensors: Sequence[Collected]) -> pb.AnalyzeHeader:
+    """Announces every tensor of a result, in the order its bytes will follow."""
+    result = pb.AnalyzeHeader()
+    for i, c in enumerate(tensors):
+        result.tensors.append(
+            pb.TensorHeader(
+                id=i,
+                role=ROLES[c.role],
+                name=c.name,
+                index=c.index,
+                dtype=WIRE_DTYPES[c.tensor.dtype],
+                shape=list(c.tensor.shape),
+                byte_size=c.tensor.numel() * c.tensor.element_size(),
+            )
+        )
+        result.total_bytes += result.tensors[-1].byte_size
+    return result
+
+
+def frames(
+    tensors: Sequence[Collected], first: pb.AnalyzeResponse, summary: pb.AnalyzeSummary
+) -> Iterator[pb.AnalyzeResponse]:
+    """Packs the header, the tensors' bytes and the summary into messages of about 1 MiB.
+
+    Small results travel as one message; big tensors are cut into 1 MiB chunks. Each chunk
+    names its tensor and offset.
+    """
+    message, room = first, CHUNK_BYTES
+    for i, c in enumerate(tensors):
+        raw = memoryview(c.tensor.reshape(-1).view(torch.uint8).numpy())
+        offset = 0
+        while offset < len(raw):
+            if room == 0:
+                yield message
+                message, room = pb.AnalyzeResponse(), CHUNK_BYTES
+            n = min(room, len(raw) - offset)
+            message.chunks.add(tensor_id=i, offset=offset, data=raw[offset : offset + n].tobytes())
+            offset += n
+            room -= n
+    message.summary.CopyFrom(summary)
+    yield message

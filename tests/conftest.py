@@ -1,0 +1,45 @@
+"""One real gradtap server for the whole session, on port 0, with a temporary model repository."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from gradtap.client import Client
+from gradtap.server.app import Running, Settings, start
+
+from . import models
+
+
+@dataclass
+class Served:
+    address: str
+    running: Running
+    repository: Path
+    modules: dict[str, nn.Module]
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    torch.manual_seed(0)
+    repository = tmp_path_factory.mktemp("repository")
+    modules = models.export_all(repository)
+    running = start("127.0.0.1:0", Settings(device="cpu", model_repository=repository))
+    yield Served(f"127.0.0.1:{running.port}", running, repository, modules)
+    running.server.stop(None).wait()
+
+
+@pytest.fixture(scope="session")
+def address(served: Served) -> str:
+    return served.address
+
+
+@pytest.fixture
+def client(address: str) -> Iterator[Client]:
+    with Client(address, timeout=60) as c:
+        yield c
