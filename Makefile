@@ -1,0 +1,38 @@
+# gradtap: `make serve` runs the server on 127.0.0.1:50051; `make test` runs the suite.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install serve test lint proto bench clean
+
+install: $(STAMP) tools/node_modules/.installed
+
+# Idempotent: reinstalls only when the project's requirements change.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[server,plot,dev]"
+	touch $@
+
+# buf (contract lint) and the Node.js gRPC client used by the cross-language test.
+tools/node_modules/.installed: tools/package.json
+	@if command -v npm >/dev/null 2>&1; then \
+		cd tools && npm install --no-audit --no-fund --loglevel=error && touch node_modules/.installed; \
+	else echo "npm not found: the buf lint and Node.js client tests will be skipped"; fi
+
+serve: install
+	$(BIN)/gradtap serve --host 127.0.0.1 --port 50051
+
+test: install
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check server client gradtap/cli.py tests scripts
+	$(BIN)/mypy server client gradtap/cli.py
+
+proto: install
+	$(BIN)/python scripts/gen_proto.py
+
+clean:
+	rm -rf $(VENV) tools/node_modules .pytest_cache .mypy_cache
