@@ -11,7 +11,7 @@ from gradtap.v1 import gradtap_pb2 as pb
 
 from ._tensor import encode
 
-_REDUCTIONS = {"mean": pb.LOSS_REDUCTION_MEAN, "sum": pb.LOSS_REDUCTION_SUM}
+_REDUCTIONS: dict[str, pb.LossReduction.ValueType] = {"mean": pb.LOSS_REDUCTION_MEAN, "sum": pb.LOSS_REDUCTION_SUM}
 
 
 def _site(output: int, node: str | None) -> pb.ObjectiveSite:
@@ -20,7 +20,7 @@ def _site(output: int, node: str | None) -> pb.ObjectiveSite:
     return pb.ObjectiveSite(output=output, node=node or "")
 
 
-def _reduction(reduction: str) -> int:
+def _reduction(reduction: str) -> pb.LossReduction.ValueType:
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be 'mean' or 'sum', not {reduction!r}")
     return _REDUCTIONS[reduction]
@@ -52,7 +52,7 @@ class Objective:
         cls, index: int | Sequence[int], output: int = 0, node: str | None = None
     ) -> Objective:
         """The sum over rows of element `index` of each row; or one index per row."""
-        indices = [int(index)] if np.ndim(index) == 0 else [int(i) for i in index]  # type: ignore[union-attr]
+        indices = [int(i) for i in np.atleast_1d(np.asarray(index, dtype=np.int64))]
         return cls(pb.Objective(logit=pb.LogitObjective(site=_site(output, node), index=indices)))
 
     @classmethod

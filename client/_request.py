@@ -25,7 +25,7 @@ DEFAULT_ADDRESS = "127.0.0.1:50051"
 
 def channel_options(extra: Sequence[tuple[str, Any]] = ()) -> list[tuple[str, Any]]:
     """Message limits set explicitly on both sides, and round-robin over several backends."""
-    config = {"loadBalancingConfig": [{"round_robin": {}}]}
+    config: dict[str, Any] = {"loadBalancingConfig": [{"round_robin": {}}]}
     return [
         ("grpc.max_send_message_length", MAX_SEND_BYTES),
         ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),

@@ -10,7 +10,7 @@ import numpy as np
 
 from gradtap.v1 import gradtap_pb2 as pb
 
-NUMPY_DTYPES: dict[int, np.dtype[Any]] = {
+NUMPY_DTYPES: dict[pb.DType.ValueType, np.dtype[Any]] = {
     pb.DTYPE_FLOAT32: np.dtype("<f4"),
     pb.DTYPE_FLOAT64: np.dtype("<f8"),
     pb.DTYPE_FLOAT16: np.dtype("<f2"),
@@ -24,7 +24,7 @@ NUMPY_DTYPES: dict[int, np.dtype[Any]] = {
 }
 """Wire dtype -> numpy dtype (little-endian)."""
 
-DTYPE_NAMES: dict[int, str] = {
+DTYPE_NAMES: dict[pb.DType.ValueType, str] = {
     code: ("bfloat16" if code == pb.DTYPE_BFLOAT16 else dtype.name)
     for code, dtype in NUMPY_DTYPES.items()
 }
@@ -33,7 +33,7 @@ DTYPE_NAMES: dict[int, str] = {
 _WIRE_BY_NAME = {name: code for code, name in DTYPE_NAMES.items()}
 
 
-def wire_dtype(dtype: np.dtype[Any]) -> int:
+def wire_dtype(dtype: np.dtype[Any]) -> pb.DType.ValueType:
     """The wire dtype of a numpy dtype; ValueError for an unsupported one."""
     name = "bfloat16" if dtype == ml_dtypes.bfloat16 else dtype.name
     code = _WIRE_BY_NAME.get(name)

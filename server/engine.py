@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .errors import Cancelled, InvalidArgument
+from .errors import Cancelled, InvalidArgument, ResourceExhausted
 from .models import Model
 
 _VARIANTS_PER_MODEL = 32
@@ -185,6 +185,17 @@ class Engine:
 
     def analyze(self, model: Model, request: Analysis, should_stop: ShouldStop = _never) -> Outcome:
         """Runs one forward and backward pass; raises RequestError subclasses on bad requests."""
+        try:
+            return self._analyze(model, request, should_stop)
+        except torch.OutOfMemoryError:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise ResourceExhausted(
+                "the device ran out of memory for this request; send a smaller batch",
+                reason="DEVICE_OUT_OF_MEMORY",
+            ) from None
+
+    def _analyze(self, model: Model, request: Analysis, should_stop: ShouldStop) -> Outcome:
         started = time.perf_counter()
         self.check_inputs(model, request.inputs)
         captures, target_nodes = self._plan(model, request)
@@ -220,7 +231,20 @@ class Engine:
             ]
             module = self._variant(model, captures)
             t0 = time.perf_counter()
-            flat = module(*state, *inputs)
+            try:
+                flat = module(*state, *inputs)
+            except (RuntimeError, IndexError, ValueError) as e:
+                if isinstance(e, torch.OutOfMemoryError):
+                    raise
+                # Inputs of the right dtype and shape can still hold values the model cannot
+                # take (token ids past the vocabulary). torch's message may carry source
+                # paths, so only the exception type is passed on.
+                raise InvalidArgument(
+                    f"the model could not run on these inputs ({type(e).__name__}); check "
+                    "their values, e.g. token ids within the vocabulary",
+                    reason="MODEL_REJECTED_INPUT",
+                    field="inputs",
+                ) from e
             n_out = len(model.output_positions)
             outputs = list(flat[:n_out])
             captured = dict(zip(captures, flat[n_out:]))

@@ -269,7 +269,7 @@ def _check_graph(program: ExportedProgram) -> None:
                 if target.namespace not in _SAFE_OP_NAMESPACES:
                     raise ModelLoadError(f"node {node.name!r}: operator {target} is not allowed")
             elif isinstance(target, torch._ops.HigherOrderOperator):
-                if target.name() not in _SAFE_HIGHER_ORDER:
+                if target.name() not in _SAFE_HIGHER_ORDER:  # type: ignore[no-untyped-call]
                     raise ModelLoadError(f"node {node.name!r}: operator {target} is not allowed")
             elif target not in _SAFE_PY_CALLABLES:
                 raise ModelLoadError(f"node {node.name!r}: call target {target!r} is not allowed")

@@ -22,7 +22,7 @@ CHUNK_BYTES = 1 << 20
 MAX_RANK = 8
 """Most dimensions a request tensor may have."""
 
-TORCH_DTYPES: dict[int, torch.dtype] = {
+TORCH_DTYPES: dict[pb.DType.ValueType, torch.dtype] = {
     pb.DTYPE_FLOAT32: torch.float32,
     pb.DTYPE_FLOAT64: torch.float64,
     pb.DTYPE_FLOAT16: torch.float16,
@@ -36,7 +36,7 @@ TORCH_DTYPES: dict[int, torch.dtype] = {
 }
 """The dtype allow-list: wire dtype -> torch dtype."""
 
-WIRE_DTYPES: dict[torch.dtype, int] = {v: k for k, v in TORCH_DTYPES.items()}
+WIRE_DTYPES: dict[torch.dtype, pb.DType.ValueType] = {v: k for k, v in TORCH_DTYPES.items()}
 
 ROLES = {
     Role.ACTIVATION: pb.TENSOR_ROLE_ACTIVATION,
@@ -124,7 +124,7 @@ def frames(
     """
     message, room = first, CHUNK_BYTES
     for i, c in enumerate(tensors):
-        raw = memoryview(c.tensor.reshape(-1).view(torch.uint8).numpy())
+        raw = c.tensor.reshape(-1).view(torch.uint8).numpy().data
         offset = 0
         while offset < len(raw):
             if room == 0:

@@ -47,7 +47,7 @@ class Wide(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(3, 64, 3, padding=1)
+        self.conv = nn.Conv2d(3, 96, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.conv(x))
