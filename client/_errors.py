@@ -89,5 +89,7 @@ def from_rpc_error(error: grpc.RpcError) -> GradtapError:
     """Converts a sync or asyncio gRPC error into a GradtapError."""
     code = error.code() if callable(getattr(error, "code", None)) else grpc.StatusCode.UNKNOWN
     details = error.details() if callable(getattr(error, "details", None)) else str(error)
-    trailing = error.trailing_metadata() if callable(getattr(error, "trailing_metadata", None)) else ()
+    trailing = (
+        error.trailing_metadata() if callable(getattr(error, "trailing_metadata", None)) else ()
+    )
     return GradtapError(code, details or "", _details(trailing))

@@ -11,7 +11,10 @@ from gradtap.v1 import gradtap_pb2 as pb
 
 from ._tensor import encode
 
-_REDUCTIONS: dict[str, pb.LossReduction.ValueType] = {"mean": pb.LOSS_REDUCTION_MEAN, "sum": pb.LOSS_REDUCTION_SUM}
+_REDUCTIONS: dict[str, pb.LossReduction.ValueType] = {
+    "mean": pb.LOSS_REDUCTION_MEAN,
+    "sum": pb.LOSS_REDUCTION_SUM,
+}
 
 
 def _site(output: int, node: str | None) -> pb.ObjectiveSite:
@@ -39,7 +42,9 @@ class Objective:
     def __repr__(self) -> str:
         kind = self.message.WhichOneof("kind")
         site = getattr(self.message, kind).site if kind else None
-        where = f"node={site.node!r}" if site and site.node else f"output={site.output if site else 0}"
+        where = (
+            f"node={site.node!r}" if site and site.node else f"output={site.output if site else 0}"
+        )
         return f"Objective.{kind}({where})"
 
     @classmethod
@@ -73,12 +78,16 @@ class Objective:
     ) -> Objective:
         """F.mse_loss(site, target); with `node`, at an intermediate activation."""
         message = pb.MseObjective(
-            site=_site(output, node), target=encode(np.asarray(target)), reduction=_reduction(reduction)
+            site=_site(output, node),
+            target=encode(np.asarray(target)),
+            reduction=_reduction(reduction),
         )
         return cls(pb.Objective(mse=message))
 
     @classmethod
     def grad_outputs(cls, array: Any, output: int = 0, node: str | None = None) -> Objective:
         """A vector-Jacobian product: `array` is the upstream gradient at the site."""
-        message = pb.GradOutputsObjective(site=_site(output, node), grad_output=encode(np.asarray(array)))
+        message = pb.GradOutputsObjective(
+            site=_site(output, node), grad_output=encode(np.asarray(array))
+        )
         return cls(pb.Objective(grad_outputs=message))

@@ -42,7 +42,7 @@ class Settings:
 
 
 def resolve_device(name: str) -> torch.device:
-    """"auto" means CUDA when present, else the CPU."""
+    """ "auto" means CUDA when present, else the CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -151,7 +151,10 @@ def serve(address: str, settings: Settings) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    print(f"gradtap serving {len(running.registry)} model(s) on {address.rsplit(':', 1)[0]}:"
-          f"{running.port}", flush=True)
+    print(
+        f"gradtap serving {len(running.registry)} model(s) on {address.rsplit(':', 1)[0]}:"
+        f"{running.port}",
+        flush=True,
+    )
     stopping.wait()
     running.drain(settings.grace_seconds)

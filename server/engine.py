@@ -167,8 +167,10 @@ class Engine:
                     field=f"inputs[{i}].shape",
                 )
             for d, (size, dim) in enumerate(zip(tensor.shape, spec.dims)):
-                ok = size == dim.size if dim.size is not None else (
-                    size >= dim.min and (dim.max is None or size <= dim.max)
+                ok = (
+                    size == dim.size
+                    if dim.size is not None
+                    else (size >= dim.min and (dim.max is None or size <= dim.max))
                 )
                 if dim.size is None and ok:
                     first = bound.setdefault(dim.symbol, (size, i))
@@ -261,11 +263,15 @@ class Engine:
                 site = self._site(model, objective, outputs, captured)
                 loss = _loss(objective, site)
                 loss_value = float(loss.detach())
-                grad_nodes = list(dict.fromkeys(
-                    node for t, node in zip(request.targets, target_nodes) if t.gradient
-                ))
+                grad_nodes = list(
+                    dict.fromkeys(
+                        node for t, node in zip(request.targets, target_nodes) if t.gradient
+                    )
+                )
                 grad_inputs = [
-                    i for i, t in enumerate(inputs) if request.input_gradients and t.is_floating_point()
+                    i
+                    for i, t in enumerate(inputs)
+                    if request.input_gradients and t.is_floating_point()
                 ]
                 wrt = [captured[n] for n in grad_nodes] + [inputs[i] for i in grad_inputs]
                 grads = _grad(loss, wrt)
@@ -469,7 +475,9 @@ def _logit(objective: Objective, site: torch.Tensor) -> torch.Tensor:
 def _required(objective: Objective, name: str) -> torch.Tensor:
     if objective.tensor is None:
         raise InvalidArgument(
-            f"{objective.kind} needs {name}", reason="BAD_OBJECTIVE", field=f"{objective.field}.{name}"
+            f"{objective.kind} needs {name}",
+            reason="BAD_OBJECTIVE",
+            field=f"{objective.field}.{name}",
         )
     return objective.tensor
 

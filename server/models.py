@@ -76,7 +76,7 @@ class SeedConvNet(nn.Module):
 
 
 class SeedMLP(nn.Module):
-    """Seed example 3 (`SimpleNet`): returns `(logits, intermediate)`; `intermediate` is `relu_1`."""
+    """Seed example 3 (`SimpleNet`): returns `(logits, intermediate)`, `intermediate` = `relu_1`."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -122,19 +122,86 @@ def export_builtin(name: str) -> ExportedProgram:
 _SYMPY_WORDS = frozenset(
     {
         # sympy classes and constants that srepr/str of shape expressions use
-        "Symbol", "Integer", "Rational", "Float", "Add", "Mul", "Pow", "Mod", "Max", "Min",
-        "Abs", "floor", "ceiling", "sqrt", "Eq", "Ne", "Lt", "Le", "Gt", "Ge", "And", "Or",
-        "Not", "StrictLessThan", "LessThan", "StrictGreaterThan", "GreaterThan", "Equality",
-        "Unequality", "Piecewise", "ITE", "true", "false", "True", "False", "oo", "zoo", "nan",
-        "Infinity", "NegativeInfinity", "One", "Zero", "NegativeOne", "Half", "I",
+        "Symbol",
+        "Integer",
+        "Rational",
+        "Float",
+        "Add",
+        "Mul",
+        "Pow",
+        "Mod",
+        "Max",
+        "Min",
+        "Abs",
+        "floor",
+        "ceiling",
+        "sqrt",
+        "Eq",
+        "Ne",
+        "Lt",
+        "Le",
+        "Gt",
+        "Ge",
+        "And",
+        "Or",
+        "Not",
+        "StrictLessThan",
+        "LessThan",
+        "StrictGreaterThan",
+        "GreaterThan",
+        "Equality",
+        "Unequality",
+        "Piecewise",
+        "ITE",
+        "true",
+        "false",
+        "True",
+        "False",
+        "oo",
+        "zoo",
+        "nan",
+        "Infinity",
+        "NegativeInfinity",
+        "One",
+        "Zero",
+        "NegativeOne",
+        "Half",
+        "I",
         # torch.utils._sympy.functions
-        "CeilDiv", "CeilToInt", "CleanDiv", "FloatPow", "FloatTrueDiv", "FloorDiv",
-        "FloorToInt", "Identity", "IntTrueDiv", "IsNonOverlappingAndDenseIndicator", "LShift",
-        "ModularIndexing", "PowByNatural", "PythonMod", "RShift", "RoundDecimal", "RoundToInt",
-        "ToFloat", "TruncToFloat", "TruncToInt", "Where",
+        "CeilDiv",
+        "CeilToInt",
+        "CleanDiv",
+        "FloatPow",
+        "FloatTrueDiv",
+        "FloorDiv",
+        "FloorToInt",
+        "Identity",
+        "IntTrueDiv",
+        "IsNonOverlappingAndDenseIndicator",
+        "LShift",
+        "ModularIndexing",
+        "PowByNatural",
+        "PythonMod",
+        "RShift",
+        "RoundDecimal",
+        "RoundToInt",
+        "ToFloat",
+        "TruncToFloat",
+        "TruncToInt",
+        "Where",
         # assumptions passed to Symbol(...)
-        "positive", "negative", "nonnegative", "nonpositive", "integer", "real", "finite",
-        "zero", "nonzero", "commutative", "extended_real", "rational",
+        "positive",
+        "negative",
+        "nonnegative",
+        "nonpositive",
+        "integer",
+        "real",
+        "finite",
+        "zero",
+        "nonzero",
+        "commutative",
+        "extended_real",
+        "rational",
     }
 )
 _SYM_TOKEN = re.compile(
@@ -208,7 +275,7 @@ def _sanitized_archive(data: bytes) -> bytes:
     constants_config = f"{root}/data/constants/model_constants_config.json"
     for config, what in ((weights_config, "weight"), (constants_config, "constant")):
         if config not in names:
-            raise ModelLoadError(f"missing {config[len(root) + 1:]}")
+            raise ModelLoadError(f"missing {config[len(root) + 1 :]}")
         _check_payload_config(archive.read(config), what)
 
     program = json.loads(archive.read(f"{root}/models/model.json"))
@@ -234,21 +301,56 @@ def _sanitized_archive(data: bytes) -> bytes:
 
 _SAFE_PY_CALLABLES: frozenset[Callable[..., Any]] = frozenset(
     [
-        operator.getitem, operator.add, operator.sub, operator.mul, operator.truediv,
-        operator.floordiv, operator.mod, operator.pow, operator.neg, operator.pos, operator.abs,
-        operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
-        operator.and_, operator.or_, operator.xor, operator.not_, operator.invert,
-        operator.lshift, operator.rshift,
-        math.floor, math.ceil, math.trunc, math.sqrt,
-        torch.sym_int, torch.sym_float, torch.sym_max, torch.sym_min, torch.sym_not,
-        torch.sym_ite, torch.sym_sqrt, torch.sym_sum,
-        torch._assert, torch._check, torch._check_is_size,
+        operator.getitem,
+        operator.add,
+        operator.sub,
+        operator.mul,
+        operator.truediv,
+        operator.floordiv,
+        operator.mod,
+        operator.pow,
+        operator.neg,
+        operator.pos,
+        operator.abs,
+        operator.eq,
+        operator.ne,
+        operator.lt,
+        operator.le,
+        operator.gt,
+        operator.ge,
+        operator.and_,
+        operator.or_,
+        operator.xor,
+        operator.not_,
+        operator.invert,
+        operator.lshift,
+        operator.rshift,
+        math.floor,
+        math.ceil,
+        math.trunc,
+        math.sqrt,
+        torch.sym_int,
+        torch.sym_float,
+        torch.sym_max,
+        torch.sym_min,
+        torch.sym_not,
+        torch.sym_ite,
+        torch.sym_sqrt,
+        torch.sym_sum,
+        torch._assert,
+        torch._check,
+        torch._check_is_size,
     ]
 )
 _SAFE_HIGHER_ORDER = frozenset(
     {
-        "cond", "while_loop", "map_impl", "scan", "associative_scan",
-        "wrap_with_set_grad_enabled", "wrap_with_autocast",
+        "cond",
+        "while_loop",
+        "map_impl",
+        "scan",
+        "associative_scan",
+        "wrap_with_set_grad_enabled",
+        "wrap_with_autocast",
     }
 )
 _SAFE_OP_NAMESPACES = frozenset({"aten", "prims", "quantized_decomposed"})
@@ -275,7 +377,9 @@ def _check_graph(program: ExportedProgram) -> None:
                 raise ModelLoadError(f"node {node.name!r}: call target {target!r} is not allowed")
     for spec in program.graph_signature.input_specs:
         if spec.kind in (InputKind.CUSTOM_OBJ, InputKind.TOKEN):
-            raise ModelLoadError(f"input {spec.arg.name!r}: {spec.kind.name} inputs are unsupported")
+            raise ModelLoadError(
+                f"input {spec.arg.name!r}: {spec.kind.name} inputs are unsupported"
+            )
 
 
 def load_archive(data: bytes) -> ExportedProgram:
@@ -439,7 +543,9 @@ def prepare(name: str, source: str, program: ExportedProgram, device: torch.devi
         if spec.kind != OutputKind.USER_OUTPUT:
             continue
         value = flat_outputs[position]
-        out_spec = _spec(value.meta.get("val") if isinstance(value, torch.fx.Node) else value, ranges)
+        out_spec = _spec(
+            value.meta.get("val") if isinstance(value, torch.fx.Node) else value, ranges
+        )
         if out_spec is None:
             raise ModelLoadError(f"output {position} is not a tensor")
         model.outputs.append(out_spec)

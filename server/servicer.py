@@ -150,7 +150,9 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
             inputs=[_spec(s) for s in model.inputs],
             outputs=[_spec(s) for s in model.outputs],
             nodes=[
-                pb.GraphNode(name=n.name, op=n.op, spec=_spec(n.spec), differentiable=n.differentiable)
+                pb.GraphNode(
+                    name=n.name, op=n.op, spec=_spec(n.spec), differentiable=n.differentiable
+                )
                 for n in model.nodes.values()
             ],
             modules=[
@@ -187,7 +189,9 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
 
     def _model(self, ref: pb.Model) -> Model:
         if not ref.name:
-            raise InvalidArgument("model.name is required", reason="MISSING_MODEL", field="model.name")
+            raise InvalidArgument(
+                "model.name is required", reason="MISSING_MODEL", field="model.name"
+            )
         if not MODEL_NAME.fullmatch(ref.name):
             raise InvalidArgument(
                 f"model.name must match {MODEL_NAME.pattern}",
@@ -196,7 +200,9 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
             )
         model = self.registry.get(ref.name)
         if model is None:
-            raise NotFound(f"no model named {ref.name!r}", reason="MODEL_NOT_FOUND", field="model.name")
+            raise NotFound(
+                f"no model named {ref.name!r}", reason="MODEL_NOT_FOUND", field="model.name"
+            )
         if ref.digest and ref.digest != model.digest:
             raise FailedPrecondition(
                 f"model {ref.name!r} has digest {model.digest}, not the pinned {ref.digest[:80]}",
@@ -214,7 +220,9 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         for i, t in enumerate(request.targets):
             if not t.name:
                 raise InvalidArgument(
-                    f"targets[{i}].name is empty", reason="UNKNOWN_TARGET", field=f"targets[{i}].name"
+                    f"targets[{i}].name is empty",
+                    reason="UNKNOWN_TARGET",
+                    field=f"targets[{i}].name",
                 )
             if t.capture not in _CAPTURES:
                 raise InvalidArgument(
@@ -276,7 +284,7 @@ def _spec(spec: Spec) -> pb.TensorSpec:
         dims=[d.symbol for d in spec.dims],
         min_shape=[d.size if d.size is not None else d.min for d in spec.dims],
         max_shape=[
-            d.size if d.size is not None else (d.max if d.max is not None else -1) for d in spec.dims
+            d.size if d.size is not None else (d.max if d.max is not None else -1)
+            for d in spec.dims
         ],
     )
-

@@ -55,7 +55,9 @@ def decode(message: pb.Tensor, field: str, max_elements: int) -> torch.Tensor:
     if dtype is None:
         name = pb.DType.Name(message.dtype) if message.dtype in pb.DType.values() else message.dtype
         raise InvalidArgument(
-            f"{field}.dtype {name} is not supported", reason="UNSUPPORTED_DTYPE", field=f"{field}.dtype"
+            f"{field}.dtype {name} is not supported",
+            reason="UNSUPPORTED_DTYPE",
+            field=f"{field}.dtype",
         )
     shape = list(message.shape)
     if len(shape) > MAX_RANK:

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
-
 from gradtap.client import Client
 from gradtap.server.app import Running, Settings, start
+from torch import nn
 
 from . import models
 

@@ -1,4 +1,4 @@
-"""Every class of bad request gets its documented status code, names the field, and costs nothing."""
+"""Every class of bad request gets its documented status, names its field, and costs nothing."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import grpc
 import numpy as np
 import pytest
 import torch
-
 from gradtap.client import Client, GradtapError, Objective
 from gradtap.server.engine import Engine
+
 from gradtap.v1 import gradtap_pb2 as pb
 from gradtap.v1 import gradtap_pb2_grpc as pb_grpc
 
@@ -70,7 +70,9 @@ def test_unknown_model_is_not_found_naming_the_field(client: Client) -> None:
     assert failure(lambda: client.describe("no-such-model")).code == grpc.StatusCode.NOT_FOUND
 
 
-@pytest.mark.parametrize("name", ["../../etc/passwd", "a/b", "x" * 200, " seed-mlp", "seed-mlp\x00"])
+@pytest.mark.parametrize(
+    "name", ["../../etc/passwd", "a/b", "x" * 200, " seed-mlp", "seed-mlp\x00"]
+)
 def test_model_names_outside_the_pattern_are_invalid_and_never_paths(
     client: Client, name: str
 ) -> None:
@@ -112,7 +114,9 @@ def test_batch_past_the_exported_range_is_invalid_argument(client: Client) -> No
 
 
 def test_wrong_dtype_is_invalid_argument_naming_both_dtypes(client: Client) -> None:
-    e = failure(lambda: client.analyze("seed-convnet", X.astype(np.float64), ["relu_1"], Objective.sum()))
+    e = failure(
+        lambda: client.analyze("seed-convnet", X.astype(np.float64), ["relu_1"], Objective.sum())
+    )
     assert e.code == INVALID and e.field == "inputs[0].dtype" and e.reason == "WRONG_DTYPE"
     assert "float64" in e.message and "float32" in e.message
 
@@ -133,7 +137,9 @@ def test_data_bytes_that_do_not_match_shape_are_invalid_argument(address: str, e
 
 @pytest.mark.parametrize("dtype", [pb.DTYPE_UNSPECIFIED, 99])
 def test_unknown_dtype_is_invalid_argument(address: str, dtype: int) -> None:
-    e = raw_failure(address, request(inputs=[pb.Tensor(dtype=dtype, shape=X.shape, data=X.tobytes())]))
+    e = raw_failure(
+        address, request(inputs=[pb.Tensor(dtype=dtype, shape=X.shape, data=X.tobytes())])
+    )
     assert e.code() == INVALID and "inputs[0].dtype" in (e.details() or "")
 
 
@@ -170,7 +176,10 @@ def test_objective_without_kind_is_invalid_argument(address: str) -> None:
         (Objective.cross_entropy([10]), "objective.cross_entropy.labels"),
         (Objective.cross_entropy([1, 2]), "objective.cross_entropy.labels"),
         (Objective.mse(np.zeros((1, 9), np.float32)), "objective.mse.target"),
-        (Objective.grad_outputs(np.zeros((2, 10), np.float32)), "objective.grad_outputs.grad_output"),
+        (
+            Objective.grad_outputs(np.zeros((2, 10), np.float32)),
+            "objective.grad_outputs.grad_output",
+        ),
         (Objective.sum(output=2), "objective.sum.site.output"),
         (Objective.mse(np.zeros((1, 10), np.float32), node="nope"), "objective.mse.site.node"),
     ],
@@ -193,10 +202,14 @@ def test_gradient_of_an_integer_node_is_invalid_argument(client: Client) -> None
     ids = np.zeros((1, 7), np.int64)
     mask = np.ones((1, 7), bool)
     e = failure(lambda: client.analyze("tokens", [ids, mask], ["ids"], Objective.sum()))
-    assert e.code == INVALID and e.field == "targets[0].capture" and e.reason == "NOT_DIFFERENTIABLE"
+    assert (
+        e.code == INVALID and e.field == "targets[0].capture" and e.reason == "NOT_DIFFERENTIABLE"
+    )
 
 
-def test_out_of_range_token_ids_are_invalid_argument_without_torch_internals(client: Client) -> None:
+def test_out_of_range_token_ids_are_invalid_argument_without_torch_internals(
+    client: Client,
+) -> None:
     ids = np.full((1, 7), 500, np.int64)
     mask = np.ones((1, 7), bool)
     e = failure(lambda: client.analyze("tokens", [ids, mask], ["embed"], Objective.sum()))
@@ -208,7 +221,10 @@ def test_bool_bytes_other_than_zero_or_one_are_invalid(address: str) -> None:
     ids = np.zeros((1, 7), np.int64)
     req = pb.AnalyzeRequest(
         model=pb.Model(name="tokens"),
-        inputs=[tensor(ids, pb.DTYPE_INT64), pb.Tensor(dtype=pb.DTYPE_BOOL, shape=[1, 7], data=b"\x01\x02\x01\x01\x01\x01\x01")],
+        inputs=[
+            tensor(ids, pb.DTYPE_INT64),
+            pb.Tensor(dtype=pb.DTYPE_BOOL, shape=[1, 7], data=b"\x01\x02\x01\x01\x01\x01\x01"),
+        ],
         targets=[pb.TargetLayer(name="embed")],
         objective=pb.Objective(sum=pb.SumObjective()),
     )
@@ -220,7 +236,9 @@ def test_unexpected_errors_are_internal_without_paths_or_tracebacks(
     client: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def broken(*args: object, **kwargs: object) -> None:
-        raise RuntimeError("secret state in /srv/models/private.pt2\nTraceback (most recent call last)")
+        raise RuntimeError(
+            "secret state in /srv/models/private.pt2\nTraceback (most recent call last)"
+        )
 
     monkeypatch.setattr(Engine, "analyze", broken)
     e = failure(lambda: client.analyze("seed-convnet", X, ["relu_1"], Objective.sum()))

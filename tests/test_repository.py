@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from gradtap.client import Client, Objective
 
 from . import models
@@ -92,7 +91,11 @@ def test_grad_outputs_is_a_vector_jacobian_product(client: Client, served: Serve
     upstream = torch.randn(2, 5)
     (vjp,) = torch.autograd.grad(model(x), x, grad_outputs=upstream)
     r = client.analyze(
-        "resblock", x.detach().numpy(), [], Objective.grad_outputs(upstream.numpy()), input_grad=True
+        "resblock",
+        x.detach().numpy(),
+        [],
+        Objective.grad_outputs(upstream.numpy()),
+        input_grad=True,
     )
     close(r.input_grads[0], vjp)
 
@@ -104,11 +107,15 @@ def test_per_row_logits_select_one_class_per_row(client: Client, served: Served)
     out = model(x)
     out[torch.arange(3), torch.tensor([4, 0, 2])].sum().backward()
     assert x.grad is not None
-    r = client.analyze("resblock", x.detach().numpy(), [], Objective.logit([4, 0, 2]), input_grad=True)
+    r = client.analyze(
+        "resblock", x.detach().numpy(), [], Objective.logit([4, 0, 2]), input_grad=True
+    )
     close(r.input_grads[0], x.grad)
 
 
-def test_results_larger_than_grpc_message_limit_come_back_whole(client: Client, served: Served) -> None:
+def test_results_larger_than_grpc_message_limit_come_back_whole(
+    client: Client, served: Served
+) -> None:
     model = served.modules["wide"]
     torch.manual_seed(7)
     x = torch.randn(1, 3, 128, 128, requires_grad=True)
@@ -117,7 +124,9 @@ def test_results_larger_than_grpc_message_limit_come_back_whole(client: Client, 
     out = torch.sigmoid(conv)
     out.sum().backward()
     assert conv.grad is not None and x.grad is not None
-    r = client.analyze("wide", x.detach().numpy(), ["conv"], Objective.sum(), activations=True, input_grad=True)
+    r = client.analyze(
+        "wide", x.detach().numpy(), ["conv"], Objective.sum(), activations=True, input_grad=True
+    )
     assert r.gradients["conv"].nbytes > 4 << 20
     close(r.gradients["conv"], conv.grad)
     close(r.activations["conv"], conv)

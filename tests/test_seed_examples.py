@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from gradtap.client import Client, Objective
 from gradtap.server.models import builtin_module
 
@@ -107,7 +106,9 @@ def test_seed_mlp_adversarial_perturbation_matches_retain_grad(client: Client) -
     decided = np.abs(input_image.grad.numpy()) > 1e-9
     np.testing.assert_array_equal(remote[decided], perturbation.numpy()[decided])
     adversarial = input_image.detach().numpy() + remote
-    np.testing.assert_allclose(adversarial, (input_image + perturbation).detach().numpy(), atol=1e-7)
+    np.testing.assert_allclose(
+        adversarial, (input_image + perturbation).detach().numpy(), atol=1e-7
+    )
 
 
 def test_batched_inputs_give_per_row_gradients(client: Client) -> None:
