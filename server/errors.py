@@ -16,6 +16,8 @@ class Kind(enum.Enum):
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
     UNAVAILABLE = "UNAVAILABLE"
     INTERNAL = "INTERNAL"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
 
 
 class RequestError(Exception):
@@ -62,6 +64,18 @@ class Cancelled(RequestError):
     """The caller went away or its deadline passed; the work was abandoned."""
 
     kind = Kind.CANCELLED
+
+
+class Unauthenticated(RequestError):
+    """The call carries no bearer token, or one the server does not know."""
+
+    kind = Kind.UNAUTHENTICATED
+
+
+class PermissionDenied(RequestError):
+    """The call's token is valid but may not use the model it names."""
+
+    kind = Kind.PERMISSION_DENIED
 
 
 class ModelLoadError(Exception):

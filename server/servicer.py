@@ -39,6 +39,8 @@ _CODES = {
     Kind.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
     Kind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
     Kind.INTERNAL: grpc.StatusCode.INTERNAL,
+    Kind.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+    Kind.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
 }
 
 
