@@ -9,6 +9,7 @@ from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 import torch
@@ -20,6 +21,8 @@ from gradtap.v1 import gradtap_pb2_grpc as pb_grpc
 
 from .engine import Engine
 from .models import Registry, load_builtins, load_repository
+from .observability import Observability, start_metrics
+from .security import TokenAuth, server_credentials
 from .servicer import GradientServicer, Limits
 from .wire import CHUNK_BYTES
 
@@ -46,6 +49,7 @@ class Settings:
     auth_token_file: Path | None = None
     # Observability (server/observability.py): Prometheus metrics on this port when set.
     metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
     # Overload protection (server/admission.py) and call duration.
     max_concurrent_requests: int = 4
     max_queue: int = 32
@@ -55,12 +59,21 @@ class Settings:
 def _interceptors(settings: Settings) -> list[grpc.ServerInterceptor]:
     """The interceptor chain, outermost first: observe, authenticate, admit."""
     chain: list[grpc.ServerInterceptor] = []
+    chain.append(Observability())
+    if settings.auth_token_file is not None:
+        chain.append(TokenAuth.from_file(settings.auth_token_file))
     return chain
 
 
 def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
     """TLS (and mutual TLS) credentials from the settings; None for plaintext."""
-    return None
+    if (settings.tls_cert is None) != (settings.tls_key is None):
+        raise ValueError("--tls-cert and --tls-key must be given together")
+    if settings.tls_cert is None or settings.tls_key is None:
+        if settings.tls_client_ca is not None:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    return server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -83,6 +96,8 @@ class Running:
     port: int
     health: health.HealthServicer
     registry: Registry
+    metrics_port: int | None = None
+    metrics_server: WSGIServer | None = None
 
     def set_serving(self, serving: bool) -> None:
         status = (
@@ -112,9 +127,12 @@ def start(
     device = resolve_device(settings.device)
     registry = Registry(device)
     engine = Engine(device)
+    interceptors = _interceptors(settings)
+    observability = next(i for i in interceptors if isinstance(i, Observability))
+    observability.known_model = lambda name: registry.get(name) is not None
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="gradtap"),
-        interceptors=_interceptors(settings),
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", settings.max_request_bytes),
             # Result messages carry at most 1 MiB of tensor bytes plus their headers.
@@ -139,6 +157,11 @@ def start(
     if port == 0:
         raise OSError(f"could not bind {address}")
     running = Running(server=server, port=port, health=health_servicer, registry=registry)
+    if settings.metrics_port is not None:
+        running.metrics_server = start_metrics(
+            settings.metrics_port, settings.metrics_host, observability.registry
+        )
+        running.metrics_port = running.metrics_server.server_port
     running.set_serving(False)
     server.start()
     try:
