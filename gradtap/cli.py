@@ -1,0 +1,562 @@
+"""The gradtap command line: serve models, list and describe them, analyze inputs, check health."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+
+import ml_dtypes
+import numpy as np
+import typer
+
+if TYPE_CHECKING:
+    # mypy runs over the source tree, where gradtap.client is the top-level client/ package:
+    # pyproject's package-dir mapping lives in the editable install's import hook, which mypy
+    # cannot follow. At run time the names come from the installed gradtap.client.
+    from client import Client, GradtapError, Objective, Result, TensorSpec
+else:
+    from gradtap.client import Client, GradtapError, Objective, Result, TensorSpec
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+FLOAT_DTYPES = frozenset({"float16", "bfloat16", "float32", "float64"})
+OBJECTIVE_SPECS = (
+    "sum | logit:K[,K...] | cross_entropy:L[,L...] | mse:FILE.npy | grad_outputs:FILE.npy | none"
+)
+PREVIEW = 4
+"""How many leading values of each returned tensor the summary shows."""
+
+app = typer.Typer(
+    name="gradtap",
+    help="Activations and gradients of a PyTorch model's intermediate nodes, over gRPC.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    rich_markup_mode=None,
+)
+
+Address = Annotated[
+    str,
+    typer.Option(
+        "--address",
+        "-a",
+        envvar="GRADTAP_ADDRESS",
+        metavar="HOST:PORT",
+        help="The server: host:port, or any gRPC target such as dns:///gradtap.svc:50051.",
+    ),
+]
+Token = Annotated[
+    str | None,
+    typer.Option(
+        envvar="GRADTAP_TOKEN", metavar="TOKEN", help="Bearer token sent with every call."
+    ),
+]
+Model = Annotated[
+    str, typer.Argument(metavar="MODEL", help="The model's name, as `gradtap models` lists it.")
+]
+Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+class Device(str, Enum):
+    """Where the server runs its models."""
+
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+def _note(message: str) -> None:
+    typer.echo(f"note: {message}", err=True)
+
+
+def _usage(message: str, option: str) -> NoReturn:
+    raise typer.BadParameter(message, param_hint=f"'{option}'")
+
+
+def _shape(shape: Sequence[int | None]) -> str:
+    """(?, 3, 28, 28): a shape as Python writes a tuple, with ? for a dynamic dimension."""
+    dims = ["?" if d is None else str(d) for d in shape]
+    return f"({dims[0]},)" if len(dims) == 1 else f"({', '.join(dims)})"
+
+
+def _table(rows: Sequence[Sequence[str]], indent: str = "") -> str:
+    """Left-aligned columns separated by two spaces."""
+    if not rows:
+        return ""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        (indent + "  ".join(cell.ljust(w) for cell, w in zip(row, widths))).rstrip() for row in rows
+    )
+
+
+def _short(digest: str) -> str:
+    algorithm, _, value = digest.rpartition(":")
+    return f"{algorithm}:{value[:12]}" if algorithm else value[:12]
+
+
+def _numpy_dtype(name: str) -> np.dtype[Any]:
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+
+
+def _load_npy(path: Path, option: str) -> np.ndarray:
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        _usage(f"{path} is not a readable .npy file: {e}", option)
+    if not isinstance(array, np.ndarray):  # an .npz archive
+        _usage(f"{path} is an .npz archive; save one array per file with np.save", option)
+    return array
+
+
+def _ints(text: str, kind: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        _usage(f"{kind} takes comma-separated integers, e.g. {kind}:3 or {kind}:0,3", "--objective")
+    return values
+
+
+def parse_objective(spec: str, output: int, node: str | None) -> Objective | None:
+    """An Objective from SPEC (see OBJECTIVE_SPECS); None for `none`."""
+    kind, colon, argument = spec.strip().partition(":")
+    kind = kind.strip().lower().replace("-", "_")
+    if kind in ("sum", "none"):
+        if colon:
+            _usage(f"{kind} takes no argument, got {spec!r}", "--objective")
+        return Objective.sum(output, node) if kind == "sum" else None
+    if kind in ("logit", "cross_entropy", "mse", "grad_outputs") and not argument.strip():
+        example = f"{kind}:3" if kind in ("logit", "cross_entropy") else f"{kind}:FILE.npy"
+        _usage(f"{kind} needs an argument, e.g. {example}", "--objective")
+    if kind == "logit":
+        return Objective.logit(_ints(argument, kind), output, node)
+    if kind == "cross_entropy":
+        return Objective.cross_entropy(_ints(argument, kind), output, node)
+    if kind in ("mse", "grad_outputs"):
+        path = Path(argument.strip())
+        if not path.is_file():
+            _usage(f"{kind}: file {path} does not exist", "--objective")
+        array = _load_npy(path, "--objective")
+        if kind == "mse":
+            return Objective.mse(array, node, output)
+        return Objective.grad_outputs(array, output, node)
+    _usage(f"unknown objective {spec!r}; use one of: {OBJECTIVE_SPECS}", "--objective")
+
+
+def random_inputs(specs: Sequence[TensorSpec], seed: int) -> list[np.ndarray]:
+    """One seeded input per spec: dynamic dimensions at their smallest size (at least 1);
+    floats standard normal, booleans True, integers 0."""
+    rng = np.random.default_rng(seed)
+    arrays: list[np.ndarray] = []
+    for i, spec in enumerate(specs):
+        shape = tuple(
+            max(1, spec.min_shape[d] if d < len(spec.min_shape) else 1) if size is None else size
+            for d, size in enumerate(spec.shape)
+        )
+        if spec.dtype in FLOAT_DTYPES:
+            array = rng.standard_normal(shape).astype(_numpy_dtype(spec.dtype))
+            how = "standard normal"
+        elif spec.dtype == "bool":
+            array, how = np.ones(shape, dtype=np.bool_), "all True"
+        else:
+            array, how = np.zeros(shape, dtype=_numpy_dtype(spec.dtype)), "all zeros"
+        _note(
+            f"no --input: inputs[{i}] is random {spec.dtype} {_shape(shape)}, {how} (seed {seed})"
+        )
+        arrays.append(array)
+    return arrays
+
+
+def matched_inputs(arrays: list[np.ndarray], specs: Sequence[TensorSpec]) -> list[np.ndarray]:
+    """Casts float inputs to the float dtype the model wants; leaves every other dtype alone
+    so that the server names a mismatch."""
+    matched = list(arrays)
+    for i, (array, spec) in enumerate(zip(arrays, specs)):
+        given = array.dtype.name
+        if given != spec.dtype and given in FLOAT_DTYPES and spec.dtype in FLOAT_DTYPES:
+            _note(f"inputs[{i}]: cast {given} to {spec.dtype}, the dtype the model takes")
+            matched[i] = array.astype(_numpy_dtype(spec.dtype))
+    return matched
+
+
+def _number(value: float) -> str:
+    return f"{value:.4g}"
+
+
+def tensor_row(kind: str, name: str, array: np.ndarray) -> list[str]:
+    """kind, name, shape, dtype, min, max, mean, L2 norm and the first values of one tensor."""
+    row = [kind, name, _shape(array.shape), array.dtype.name]
+    if array.size == 0:
+        return [*row, "-", "-", "-", "-", "[]"]
+    values = array.astype(np.float64).ravel()
+    first = ", ".join(_number(v) for v in values[:PREVIEW])
+    more = ", ..." if values.size > PREVIEW else ""
+    return [
+        *row,
+        _number(values.min()),
+        _number(values.max()),
+        _number(values.mean()),
+        _number(float(np.linalg.norm(values))),
+        f"[{first}{more}]",
+    ]
+
+
+def named_arrays(result: Result) -> dict[str, np.ndarray]:
+    """Every returned tensor keyed kind/name (gradient/relu_1, output/0), as --out saves them."""
+    arrays: dict[str, np.ndarray] = {}
+    for name, array in result.gradients.items():
+        arrays[f"gradient/{name}"] = array
+    for name, array in result.activations.items():
+        arrays[f"activation/{name}"] = array
+    for index, array in sorted(result.input_grads.items()):
+        arrays[f"input_grad/{index}"] = array
+    for index, array in enumerate(result.outputs):
+        arrays[f"output/{index}"] = array
+    return arrays
+
+
+def summary(result: Result, objective: Objective | None) -> str:
+    meta = result.metadata
+    t = meta.get("timings", {})
+    timings = ", ".join(
+        f"{key} {t[f'{key}_ms']:.2f} ms"
+        for key in ("decode", "forward", "backward", "collect", "total")
+        if f"{key}_ms" in t
+    )
+    if objective is None:
+        objective_text, loss = "none", "-"
+    else:
+        which = objective.message.WhichOneof("kind") or "?"
+        site = getattr(objective.message, which).site
+        where = f"node {site.node}" if site.node else f"output {site.output}"
+        objective_text, loss = f"{which} at {where}", f"{result.loss:.6g}"
+    header = _table(
+        [
+            ["model", f"{meta.get('model', '?')} ({_short(meta.get('model_digest', ''))})"],
+            ["device", str(meta.get("device", "?"))],
+            ["objective", objective_text],
+            ["loss", loss],
+            ["timings", timings],
+            ["received", f"{meta.get('bytes_received', 0) / 1024:.1f} KiB"],
+        ]
+    )
+    rows = [["KIND", "NAME", "SHAPE", "DTYPE", "MIN", "MAX", "MEAN", "L2", "FIRST"]]
+    for key, array in named_arrays(result).items():
+        kind, _, name = key.partition("/")
+        rows.append(tensor_row(kind, name, array))
+    return header + "\n\n" + _table(rows)
+
+
+def save(result: Result, out: Path) -> int:
+    """Writes the result as an .npz at exactly `out`; returns how many arrays it holds."""
+    arrays: dict[str, Any] = dict(named_arrays(result))
+    for key, array in arrays.items():
+        if array.dtype == ml_dtypes.bfloat16:  # .npy cannot describe bfloat16
+            _note(f"{key}: saved bfloat16 as float32")
+            arrays[key] = array.astype(np.float32)
+    arrays["loss"] = np.asarray(result.loss, dtype=np.float64)
+    with out.open("wb") as f:
+        np.savez(f, allow_pickle=False, **arrays)
+    return len(arrays)
+
+
+@app.command()
+def serve(
+    host: Annotated[
+        str,
+        typer.Option(metavar="HOST", help="Interface to listen on; 0.0.0.0 for every IPv4 one."),
+    ] = "127.0.0.1",
+    port: Annotated[
+        int,
+        typer.Option(
+            min=0, max=65535, metavar="PORT", help="Port to listen on; 0 picks a free one."
+        ),
+    ] = 50051,
+    device: Annotated[
+        Device, typer.Option(help="Where models run; auto picks CUDA when torch sees it.")
+    ] = Device.auto,
+    model_repository: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            file_okay=False,
+            dir_okay=True,
+            readable=True,
+            metavar="DIR",
+            help="A directory of exported models (NAME.pt2, from torch.export.save) to serve.",
+        ),
+    ] = None,
+    no_builtins: Annotated[
+        bool,
+        typer.Option(
+            "--no-builtins",
+            help="Do not load the built-in seed models (seed-encoder, seed-convnet, seed-mlp).",
+        ),
+    ] = False,
+    max_workers: Annotated[
+        int, typer.Option(min=1, metavar="N", help="Threads that serve calls.")
+    ] = 8,
+    grace: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            metavar="SECONDS",
+            help="How long calls in flight may finish after SIGTERM or Ctrl-C.",
+        ),
+    ] = 10.0,
+) -> None:
+    """Run the server (needs the server extra, with torch).
+
+    Serves the built-in seed models and any exported models in --model-repository until
+    SIGTERM or Ctrl-C, then drains the calls in flight within --grace seconds.
+    """
+    try:
+        if TYPE_CHECKING:
+            from server import app as server
+        else:
+            from gradtap.server import app as server
+    except ImportError as e:
+        typer.echo('gradtap serve needs the server extra: pip install "gradtap[server]"', err=True)
+        typer.echo(f"  ({e})", err=True)
+        raise typer.Exit(2) from None
+    if no_builtins and model_repository is None:
+        _usage("without the built-in models, name a --model-repository to serve", "--no-builtins")
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        server.resolve_device(device.value)
+    except ValueError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    settings = server.Settings(
+        device=device.value,
+        model_repository=model_repository,
+        builtins=not no_builtins,
+        max_workers=max_workers,
+        grace_seconds=grace,
+    )
+    bracketed = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    try:
+        server.serve(f"{bracketed}:{port}", settings)
+    except (OSError, RuntimeError) as e:  # grpc raises RuntimeError when the port is taken
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def models(
+    address: Address = DEFAULT_ADDRESS,
+    token: Token = None,
+    timeout: Annotated[float, typer.Option(metavar="SECONDS", help="Deadline of the call.")] = 30.0,
+    as_json: Json = False,
+) -> None:
+    """List the served models: name, source and digest."""
+    with Client(address, token=token, timeout=timeout) as client:
+        infos = client.list_models()
+    if as_json:
+        typer.echo(json.dumps([dataclasses.asdict(m) for m in infos], indent=2))
+        return
+    rows = [["NAME", "SOURCE", "DIGEST"]] + [[m.name, m.source, m.digest] for m in infos]
+    typer.echo(_table(rows))
+
+
+def _specs_table(specs: Sequence[TensorSpec]) -> str:
+    rows = [["INDEX", "DTYPE", "SHAPE", "DYNAMIC"]]
+    for i, spec in enumerate(specs):
+        dynamic = []
+        for d, size in enumerate(spec.shape):
+            if size is None:
+                low = spec.min_shape[d] if d < len(spec.min_shape) else 0
+                high = spec.max_shape[d] if d < len(spec.max_shape) else None
+                dynamic.append(f"dim {d}: {low}..{'' if high is None else high}")
+        rows.append([str(i), spec.dtype, _shape(spec.shape), ", ".join(dynamic)])
+    return _table(rows, indent="  ")
+
+
+@app.command()
+def describe(
+    model: Model,
+    address: Address = DEFAULT_ADDRESS,
+    token: Token = None,
+    timeout: Annotated[float, typer.Option(metavar="SECONDS", help="Deadline of the call.")] = 30.0,
+    as_json: Json = False,
+) -> None:
+    """Show a model's inputs, outputs, modules and nodes.
+
+    Shapes show ? for a dynamic dimension. Any node name or module path listed here can be
+    passed to `gradtap analyze --target`.
+    """
+    with Client(address, token=token, timeout=timeout) as client:
+        d = client.describe(model)
+    if as_json:
+        typer.echo(json.dumps(dataclasses.asdict(d), indent=2))
+        return
+    modules = [[path, "->", node] for path, node in d.modules.items()]
+    nodes = [["NAME", "OP", "DTYPE", "SHAPE", "DIFFERENTIABLE"]] + [
+        [n.name, n.op, n.dtype, _shape(n.shape), "yes" if n.differentiable else "no"]
+        for n in d.nodes
+    ]
+    sections = [
+        _table([["model", d.name], ["source", d.source], ["digest", d.digest]]),
+        "inputs\n" + _specs_table(d.inputs),
+        "outputs\n" + _specs_table(d.outputs),
+        "modules (path -> node)\n" + (_table(modules, indent="  ") or "  (none)"),
+        "nodes\n" + _table(nodes, indent="  "),
+        f"parameters: {len(d.parameters)}",
+    ]
+    typer.echo("\n\n".join(sections))
+
+
+@app.command()
+def analyze(
+    model: Model,
+    inputs: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--input",
+            "-i",
+            exists=True,
+            dir_okay=False,
+            metavar="FILE.npy",
+            help="The model's next input, saved with np.save; give one per model input, in "
+            "order. Without any, seeded random inputs are used.",
+        ),
+    ] = None,
+    targets: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--target",
+            "-t",
+            metavar="NAME",
+            help="A node name or module path (see `gradtap describe`) whose gradient to "
+            "return; repeatable.",
+        ),
+    ] = None,
+    objective_spec: Annotated[
+        str | None,
+        typer.Option(
+            "--objective",
+            metavar="SPEC",
+            help=f"The scalar to differentiate: {OBJECTIVE_SPECS}. logit takes one index for "
+            "every row or one per row; cross_entropy one label per row. Default: sum when "
+            "--target, --input-grad or --objective-node is given.",
+            show_default=False,
+        ),
+    ] = None,
+    objective_output: Annotated[
+        int, typer.Option(min=0, metavar="N", help="The model output the objective is taken at.")
+    ] = 0,
+    objective_node: Annotated[
+        str | None,
+        typer.Option(
+            metavar="NAME", help="Take the objective at this node or module path instead."
+        ),
+    ] = None,
+    input_grad: Annotated[
+        bool, typer.Option("--input-grad", help="Also return the gradient of each float input.")
+    ] = False,
+    activations: Annotated[
+        bool, typer.Option("--activations", help="Also return each target's activation.")
+    ] = False,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            dir_okay=False,
+            metavar="FILE.npz",
+            help="Save every returned array, keyed gradient/NAME, activation/NAME, "
+            "input_grad/I, output/I, plus loss.",
+        ),
+    ] = None,
+    seed: Annotated[
+        int, typer.Option(metavar="N", help="Seed for the random inputs used without --input.")
+    ] = 0,
+    address: Address = DEFAULT_ADDRESS,
+    token: Token = None,
+    timeout: Annotated[
+        float | None, typer.Option(metavar="SECONDS", help="Deadline of the call; none by default.")
+    ] = None,
+) -> None:
+    """Compute gradients and activations at named nodes.
+
+    Runs one forward and backward pass on the server, then prints the loss, the timings and
+    one line per returned tensor: shape, dtype, min, max, mean, L2 norm and first values.
+
+    \b
+    Example, with `make serve` running:
+      gradtap analyze seed-convnet --target relu_1 --objective cross_entropy:3 --input-grad
+      gradtap analyze seed-convnet --input x.npy --target relu_1 --target conv2 \\
+          --objective cross_entropy:3 --activations --out result.npz
+    """
+    targets = targets or []
+    if objective_spec is None and (targets or input_grad or objective_node is not None):
+        site = f"node {objective_node}" if objective_node else f"output {objective_output}"
+        _note(f"no --objective: using sum, the sum of every element of {site}")
+        objective_spec = "sum"
+    objective = (
+        parse_objective(objective_spec, objective_output, objective_node)
+        if objective_spec is not None
+        else None
+    )
+    if out is not None and not out.resolve().parent.is_dir():
+        _usage(f"the directory of {out} does not exist", "--out")
+    arrays = [_load_npy(path, "--input") for path in inputs or []]
+    with Client(address, token=token, timeout=timeout) as client:
+        description = client.describe(model)
+        if not arrays:
+            arrays = random_inputs(description.inputs, seed)
+        arrays = matched_inputs(arrays, description.inputs)
+        try:
+            result = client.analyze(
+                model,
+                arrays,
+                targets,
+                objective,
+                input_grad=input_grad,
+                activations=activations,
+            )
+        except ValueError as e:  # an input the wire cannot carry, e.g. complex or object arrays
+            _usage(str(e), "--input")
+    typer.echo(summary(result, objective))
+    if out is not None:
+        count = save(result, out)
+        typer.echo(f"\nwrote {count} arrays to {out}")
+
+
+@app.command()
+def health(
+    address: Address = DEFAULT_ADDRESS,
+    token: Token = None,
+    timeout: Annotated[float, typer.Option(metavar="SECONDS", help="Deadline of the check.")] = 3.0,
+) -> None:
+    """Check the server's health; exit 0 only when SERVING.
+
+    Prints SERVING, NOT_SERVING, ... or, when the server cannot be reached, the error.
+    """
+    with Client(address, token=token, timeout=timeout) as client:
+        status = client.health(timeout=timeout)
+    typer.echo(status)
+    if status != "SERVING":
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    """The `gradtap` entry point: a failed call prints its code, message and field; exit 1."""
+    try:
+        app(prog_name="gradtap")
+    except GradtapError as e:
+        typer.echo(f"error: {e.code.name}: {e.message}", err=True)
+        if e.field:
+            typer.echo(f"  field: {e.field}", err=True)
+        if e.reason:
+            typer.echo(f"  reason: {e.reason}", err=True)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()
