@@ -22,7 +22,15 @@ from ._request import (
     credentials,
     model_ref,
 )
-from ._result import Assembler, ModelDescription, ModelInfo, Result, description, model_info
+from ._result import (
+    Assembler,
+    ModelDescription,
+    ModelInfo,
+    Result,
+    decode_response,
+    description,
+    model_info,
+)
 
 
 class Client:
@@ -54,6 +62,11 @@ class Client:
             grpc.secure_channel(address, tls, opts) if tls else grpc.insecure_channel(address, opts)
         )
         self._stub = pb_grpc.GradientServiceStub(self._channel)
+        self._analyze = self._channel.unary_stream(
+            "/gradtap.v1.GradientService/Analyze",
+            request_serializer=pb.AnalyzeRequest.SerializeToString,
+            response_deserializer=decode_response,
+        )
         self._timeout = timeout
         self._metadata = call_metadata(token)
 
@@ -151,7 +164,7 @@ class Client:
         )
         assembler = Assembler(model)
         try:
-            for message in self._stub.Analyze(
+            for message in self._analyze(
                 request, timeout=self._deadline(timeout), metadata=self._metadata
             ):
                 assembler.feed(message)

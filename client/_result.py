@@ -37,6 +37,60 @@ class Result:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class RawChunk:
+    """A TensorChunk decoded without protobuf: its data is a view into the received bytes."""
+
+    tensor_id: int
+    offset: int
+    data: memoryview
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(data) or shift > 63:
+            raise ValueError("truncated varint")
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+
+
+def _single_chunk(data: bytes, chunks_tag: int) -> RawChunk | None:
+    """The one TensorChunk of a message that holds nothing else, or None."""
+    try:
+        if not data or data[0] != chunks_tag:
+            return None
+        size, pos = _varint(data, 1)
+        if pos + size != len(data):
+            return None
+        tensor_id = offset = 0
+        while pos < len(data):
+            tag, pos = _varint(data, pos)
+            if tag == 0x08:
+                tensor_id, pos = _varint(data, pos)
+            elif tag == 0x10:
+                offset, pos = _varint(data, pos)
+            elif tag == 0x1A:
+                length, pos = _varint(data, pos)
+                if pos + length != len(data):
+                    return None
+                return RawChunk(tensor_id, offset, memoryview(data)[pos:])
+            else:
+                return None
+    except ValueError:
+        return None
+    return None
+
+
+def decode_response(data: bytes) -> pb.AnalyzeResponse | RawChunk:
+    """The response deserializer: 1 MiB chunk messages skip protobuf's copy of their data."""
+    return _single_chunk(data, 0x12) or pb.AnalyzeResponse.FromString(data)
+
+
 def _broken(message: str) -> GradtapError:
     return GradtapError(grpc.StatusCode.DATA_LOSS, message)
 
@@ -57,9 +111,14 @@ class Assembler:
         self._summary: pb.AnalyzeSummary | None = None
         self._received = 0
 
-    def feed(self, message: pb.AnalyzeResponse) -> None:
+    def feed(self, message: pb.AnalyzeResponse | RawChunk) -> None:
         if self._summary is not None:
             raise _broken("the stream went on after its summary")
+        if isinstance(message, RawChunk):
+            if self._headers is None:
+                raise _broken("the stream did not start with a header")
+            self._copy(message)
+            return
         if message.HasField("header"):
             if self._headers is not None:
                 raise _broken("the stream sent a second header")
@@ -85,7 +144,7 @@ class Assembler:
             self._filled.append(0)
         self._headers = headers
 
-    def _copy(self, chunk: pb.TensorChunk) -> None:
+    def _copy(self, chunk: pb.TensorChunk | RawChunk) -> None:
         if chunk.tensor_id >= len(self._bytes):
             raise _broken(f"a chunk names unknown tensor {chunk.tensor_id}")
         target = self._bytes[chunk.tensor_id]

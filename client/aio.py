@@ -22,7 +22,15 @@ from ._request import (
     credentials,
     model_ref,
 )
-from ._result import Assembler, ModelDescription, ModelInfo, Result, description, model_info
+from ._result import (
+    Assembler,
+    ModelDescription,
+    ModelInfo,
+    Result,
+    decode_response,
+    description,
+    model_info,
+)
 
 __all__ = ["Client", "GradtapError", "Objective", "Result"]
 
@@ -49,6 +57,11 @@ class Client:
             else grpc.aio.insecure_channel(address, opts)
         )
         self._stub = pb_grpc.GradientServiceStub(self._channel)
+        self._analyze = self._channel.unary_stream(
+            "/gradtap.v1.GradientService/Analyze",
+            request_serializer=pb.AnalyzeRequest.SerializeToString,
+            response_deserializer=decode_response,
+        )
         self._timeout = timeout
         self._metadata = call_metadata(token)
 
@@ -119,7 +132,7 @@ class Client:
         )
         assembler = Assembler(model)
         try:
-            call = self._stub.Analyze(
+            call = self._analyze(
                 request, timeout=self._deadline(timeout), metadata=self._metadata
             )
             async for message in call:

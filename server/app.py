@@ -17,13 +17,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from gradtap.v1 import gradtap_pb2 as pb
-from gradtap.v1 import gradtap_pb2_grpc as pb_grpc
 
 from .engine import Engine
 from .models import Registry, load_builtins, load_repository
 from .observability import Observability, start_metrics
 from .security import TokenAuth, server_credentials
-from .servicer import GradientServicer, Limits
+from .servicer import GradientServicer, Limits, add_to_server
 from .wire import CHUNK_BYTES
 
 log = logging.getLogger(__name__)
@@ -143,7 +142,7 @@ def start(
     servicer = GradientServicer(
         registry, engine, Limits(max_tensor_elements=settings.max_tensor_elements)
     )
-    pb_grpc.add_GradientServiceServicer_to_server(servicer, server)
+    add_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

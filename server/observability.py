@@ -352,6 +352,8 @@ def _model_name(request: Any) -> str:
 
 
 def _size(response: Any) -> int:
+    if isinstance(response, (bytes, bytearray, memoryview)):  # pre-encoded chunk messages
+        return len(response)
     byte_size = getattr(response, "ByteSize", None)
     return int(byte_size()) if byte_size is not None else 0
 

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import grpc
 import torch
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, message_factory
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -122,6 +122,34 @@ _REDUCTIONS = {
 }
 
 
+def add_to_server(servicer: pb_grpc.GradientServiceServicer, server: grpc.Server) -> None:
+    """Registers every RPC of GradientService, built from the service descriptor.
+
+    Unlike the generated add_GradientServiceServicer_to_server, responses may also be
+    pre-encoded bytes (see wire.encode_chunk), which spares a copy of every tensor chunk.
+    """
+    service = pb.DESCRIPTOR.services_by_name["GradientService"]
+    factories = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    handlers = {}
+    for method in service.methods:
+        request_type = message_factory.GetMessageClass(method.input_type)
+        factory = factories[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = factory(
+            getattr(servicer, method.name),
+            request_deserializer=request_type.FromString,
+            response_serializer=wire.serialize,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+    server.add_registered_method_handlers(service.full_name, handlers)
+
+
 def replica_id() -> str:
     """This process, as "<host>:<pid>"."""
     return f"{socket.gethostname()}:{os.getpid()}"
@@ -167,7 +195,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
     @_status_mapped
     def Analyze(
         self, request: pb.AnalyzeRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.AnalyzeResponse]:
+    ) -> Iterator[pb.AnalyzeResponse | bytes]:
         started = time.perf_counter()
         model = self._model(request.model)
         analysis = self._analysis(request)

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Iterator, Sequence
 
 import torch
+from google.protobuf.message import Message
 
 from gradtap.v1 import gradtap_pb2 as pb
 
@@ -116,25 +117,67 @@ def header(tensors: Sequence[Collected]) -> pb.AnalyzeHeader:
     return result
 
 
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def encode_chunk(field_number: int, tensor_id: int, offset: int, data: memoryview) -> bytes:
+    """A response holding one TensorChunk in field `field_number`, encoded by hand.
+
+    Building a protobuf message would copy the 1 MiB of data twice (into the message, then
+    into its serialization); this copies it once. The bytes are exactly what protobuf
+    would write, so any client parses them as the declared message.
+    """
+    inner = b"\x08" + _varint(tensor_id) + b"\x10" + _varint(offset) + b"\x1a" + _varint(len(data))
+    size = len(inner) + len(data)
+    return b"".join((_varint(field_number << 3 | 2), _varint(size), inner, data))
+
+
+def serialize(message: object) -> bytes:
+    """The response serializer: pre-encoded chunk messages pass through untouched."""
+    if isinstance(message, bytes):
+        return message
+    return message.SerializeToString()  # type: ignore[attr-defined, no-any-return]
+
+
 def frames(
-    tensors: Sequence[Collected], first: pb.AnalyzeResponse, summary: pb.AnalyzeSummary
-) -> Iterator[pb.AnalyzeResponse]:
+    tensors: Sequence[Collected], first: Message, summary: pb.AnalyzeSummary
+) -> Iterator[Message | bytes]:
     """Packs the header, the tensors' bytes and the summary into messages of about 1 MiB.
 
-    Small results travel as one message; big tensors are cut into 1 MiB chunks. Each chunk
-    names its tensor and offset.
+    `first` is the stream's first message (holding the header); the message type needs
+    `chunks` (repeated TensorChunk) and `summary` fields. Small results travel as one
+    message; a big tensor goes out as pre-encoded messages of one 1 MiB chunk each. Each
+    chunk names its tensor and offset.
     """
-    message, room = first, CHUNK_BYTES
+    kind = type(first)
+    chunks_field = kind.DESCRIPTOR.fields_by_name["chunks"].number
+    message: Message | None = first
+    room = CHUNK_BYTES
     for i, c in enumerate(tensors):
         raw = c.tensor.reshape(-1).view(torch.uint8).numpy().data
         offset = 0
         while offset < len(raw):
             if room == 0:
+                assert message is not None
                 yield message
-                message, room = pb.AnalyzeResponse(), CHUNK_BYTES
+                message, room = None, CHUNK_BYTES
+            if message is None and len(raw) - offset >= CHUNK_BYTES:
+                yield encode_chunk(chunks_field, i, offset, raw[offset : offset + CHUNK_BYTES])
+                offset += CHUNK_BYTES
+                continue
+            if message is None:
+                message = kind()
             n = min(room, len(raw) - offset)
-            message.chunks.add(tensor_id=i, offset=offset, data=raw[offset : offset + n].tobytes())
+            message.chunks.add(tensor_id=i, offset=offset, data=raw[offset : offset + n].tobytes())  # type: ignore[attr-defined]
             offset += n
             room -= n
-    message.summary.CopyFrom(summary)
+    if message is None:
+        message = kind()
+    message.summary.CopyFrom(summary)  # type: ignore[attr-defined]
     yield message
