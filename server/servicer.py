@@ -195,7 +195,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
     @_status_mapped
     def Analyze(
         self, request: pb.AnalyzeRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.AnalyzeResponse | bytes]:
+    ) -> Iterator[Any]:  # messages, or pre-encoded chunk messages (bytes)
         started = time.perf_counter()
         model = self._model(request.model)
         analysis = self._analysis(request)
