@@ -8,10 +8,15 @@ with Client("127.0.0.1:50051") as c:
 
 from ._client import Client
 from ._errors import ErrorDetails, FieldViolation, GradtapError
+from ._many import Aggregate, ResultStream
 from ._objective import Objective
+from ._perturb import PerturbResult
+from ._plot import plot as plot_attribution
 from ._result import ModelDescription, ModelInfo, Node, Result, TensorSpec
+from ._target import Reduction, Target
 
 __all__ = [
+    "Aggregate",
     "Client",
     "ErrorDetails",
     "FieldViolation",
@@ -20,6 +25,11 @@ __all__ = [
     "ModelInfo",
     "Node",
     "Objective",
+    "PerturbResult",
+    "Reduction",
     "Result",
+    "ResultStream",
+    "Target",
     "TensorSpec",
+    "plot_attribution",
 ]

@@ -12,6 +12,7 @@ import numpy as np
 from gradtap.v1 import gradtap_pb2 as pb
 
 from ._objective import Objective
+from ._target import Target, TargetLike, target_message
 from ._tensor import encode
 
 MAX_SEND_BYTES = 64 << 20
@@ -49,6 +50,15 @@ def call_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),) if token else ()
 
 
+_PRECISIONS = {"full": pb.PRECISION_FULL, "bfloat16": pb.PRECISION_BFLOAT16_AUTOCAST}
+
+
+def _precision(name: str) -> pb.Precision.ValueType:
+    if name not in _PRECISIONS:
+        raise ValueError(f"precision must be 'full' or 'bfloat16', not {name!r}")
+    return _PRECISIONS[name]
+
+
 def model_ref(model: str, digest: str | None) -> pb.Model:
     if not isinstance(model, str) or not model:
         raise ValueError("model must be a model name, e.g. 'seed-convnet'")
@@ -58,17 +68,19 @@ def model_ref(model: str, digest: str | None) -> pb.Model:
 def analyze_request(
     model: str,
     inputs: Any,
-    targets: Sequence[str],
+    targets: Sequence[TargetLike],
     objective: Objective | None,
     *,
     input_grad: bool,
     activations: bool,
     outputs: bool,
     digest: str | None,
+    precision: str = "full",
+    param_grads: Sequence[str] = (),
 ) -> pb.AnalyzeRequest:
     """Encodes an analyze call: one array or a list of arrays, named targets, an objective."""
     arrays = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
-    if isinstance(targets, str):
+    if isinstance(targets, (str, Target)):
         targets = [targets]
     capture = pb.CAPTURE_GRADIENT_AND_ACTIVATION if activations else pb.CAPTURE_GRADIENT
     if objective is None:
@@ -79,9 +91,11 @@ def analyze_request(
     request = pb.AnalyzeRequest(
         model=model_ref(model, digest),
         inputs=[encode(np.asarray(a)) for a in arrays],
-        targets=[pb.TargetLayer(name=str(t), capture=capture) for t in targets],
+        targets=[target_message(t, capture) for t in targets],
+        param_grads=[param_grads] if isinstance(param_grads, str) else list(param_grads),
         input_gradients=input_grad,
         outputs=outputs,
+        precision=_precision(precision),
     )
     if objective is not None:
         request.objective.CopyFrom(objective.message)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -12,6 +14,7 @@ import numpy as np
 from gradtap.v1 import gradtap_pb2 as pb
 
 from ._errors import GradtapError
+from ._target import Reduction, reduction
 from ._tensor import DTYPE_NAMES, NUMPY_DTYPES
 
 
@@ -27,6 +30,9 @@ class Result:
         loss: the objective's value (NaN without an objective).
         metadata: model, model_digest, device, torch_version, replica, timings (ms) and
             bytes_received (tensor bytes that crossed the wire).
+        param_grads: parameter state-dict name -> gradient of the objective.
+        topk_indices: target name -> flat positions of the entries a topk target kept.
+        reductions: target name -> what the server reduced, for targets with a reduction.
     """
 
     gradients: dict[str, np.ndarray] = field(default_factory=dict)
@@ -35,6 +41,43 @@ class Result:
     outputs: list[np.ndarray] = field(default_factory=list)
     loss: float = float("nan")
     metadata: dict[str, Any] = field(default_factory=dict)
+    param_grads: dict[str, np.ndarray] = field(default_factory=dict)
+    topk_indices: dict[str, np.ndarray] = field(default_factory=dict)
+    reductions: dict[str, Reduction] = field(default_factory=dict)
+
+    def plot(
+        self,
+        path: str | os.PathLike[str],
+        name: str | int | None = None,
+        *,
+        image: Any = None,
+        row: int = 0,
+        kind: str | None = None,
+        size: tuple[int, int] | None = None,
+        title: str | None = None,
+    ) -> Path:
+        """Writes a PNG of one returned tensor; needs matplotlib (the `plot` extra).
+
+        Args:
+            path: where to write the PNG.
+            name: a target name (its gradient), an input position (its input gradient),
+                or None for input gradient 0 if returned, else the first target gradient.
+            image: the input the tensor belongs to (the same batch), drawn under an
+                input gradient's heatmap.
+            row: the batch row to draw.
+            kind: "overlay", "bars" or "channels"; by default chosen from the shape (see
+                gradtap.client.plot).
+            size: (width, height) of the PNG in pixels.
+            title: a title drawn on the picture.
+
+        Returns:
+            The path written.
+        """
+        from ._plot import plot_result
+
+        return plot_result(
+            self, path, name, image=image, row=row, kind=kind, size=size, title=title
+        )
 
 
 @dataclass(frozen=True)
@@ -176,6 +219,8 @@ class Assembler:
                 "device": s.device,
                 "torch_version": s.torch_version,
                 "replica": s.replica,
+                "batch_size": s.batch_size,
+                "precision": s.precision,
                 "timings": {
                     "decode_ms": s.timings.decode_ms,
                     "forward_ms": s.timings.forward_ms,
@@ -196,8 +241,20 @@ class Assembler:
                 result.input_grads[h.index] = array
             elif h.role == pb.TENSOR_ROLE_OUTPUT:
                 outputs[h.index] = array
+            elif h.role == pb.TENSOR_ROLE_PARAMETER_GRADIENT:
+                result.param_grads[h.name] = array
+            elif h.role == pb.TENSOR_ROLE_TOPK_INDICES:
+                result.topk_indices[h.name] = array
+            if h.HasField("reduction") and h.role != pb.TENSOR_ROLE_TOPK_INDICES:
+                result.reductions[h.name] = reduction(h)
         result.outputs = [outputs[i] for i in sorted(outputs)]
         return result
+
+    def tensors(self) -> list[tuple[pb.TensorHeader, np.ndarray]]:
+        """Every tensor of the complete stream with its header, in header order."""
+        self.result()
+        assert self._headers is not None
+        return list(zip(self._headers, self._arrays))
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ def encode(array: Any) -> pb.Tensor:
     """A numpy array (or anything np.asarray takes) as a wire Tensor: row-major, little-endian."""
     a = np.asarray(array)
     code = wire_dtype(a.dtype)
-    a = np.ascontiguousarray(a, dtype=NUMPY_DTYPES[code])
+    a = np.asarray(a, dtype=NUMPY_DTYPES[code], order="C")  # keeps 0-d arrays 0-d
     return pb.Tensor(dtype=code, shape=a.shape, data=a.tobytes())
 
 

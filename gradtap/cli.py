@@ -15,6 +15,8 @@ import ml_dtypes
 import numpy as np
 import typer
 
+from gradtap import _cli_attribution, _cli_many
+
 if TYPE_CHECKING:
     # mypy runs over the source tree, where gradtap.client is the top-level client/ package:
     # pyproject's package-dir mapping lives in the editable install's import hook, which mypy
@@ -215,6 +217,10 @@ def named_arrays(result: Result) -> dict[str, np.ndarray]:
         arrays[f"input_grad/{index}"] = array
     for index, array in enumerate(result.outputs):
         arrays[f"output/{index}"] = array
+    for name, array in result.param_grads.items():
+        arrays[f"param_grad/{name}"] = array
+    for name, array in result.topk_indices.items():
+        arrays[f"topk_indices/{name}"] = array
     return arrays
 
 
@@ -476,6 +482,39 @@ def analyze(
     seed: Annotated[
         int, typer.Option(metavar="N", help="Seed for the random inputs used without --input.")
     ] = 0,
+    inputs_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--inputs-dir",
+            exists=True,
+            file_okay=False,
+            dir_okay=True,
+            metavar="DIR",
+            help="Analyze every item in DIR over one stream, in name order, with a progress "
+            "bar: NAME.npy holds a one-input model's input, NAME.npz the inputs in order. "
+            "Writes NAME.npz per item into --out-dir.",
+        ),
+    ] = None,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--out-dir",
+            file_okay=False,
+            metavar="DIR",
+            help="Where --inputs-dir writes one .npz per item, keyed as --out; created if "
+            "missing.",
+        ),
+    ] = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            "--plot",
+            dir_okay=False,
+            metavar="FILE.png",
+            help="Also draw the result as a PNG (needs the plot extra): with --input-grad the "
+            "input gradient over the input, else the first target's gradient.",
+        ),
+    ] = None,
     address: Address = DEFAULT_ADDRESS,
     token: Token = None,
     timeout: Annotated[
@@ -505,6 +544,27 @@ def analyze(
     )
     if out is not None and not out.resolve().parent.is_dir():
         _usage(f"the directory of {out} does not exist", "--out")
+    if inputs_dir is not None or out_dir is not None:
+        for given, option in ((inputs, "--input"), (out, "--out"), (plot, "--plot")):
+            if given:
+                _usage(f"{option} takes a single analysis; drop it with --inputs-dir", option)
+        if inputs_dir is None or out_dir is None:
+            _usage("--inputs-dir and --out-dir go together", "--inputs-dir")
+        with Client(address, token=token, timeout=timeout) as client:
+            count = _cli_many.analyze_dir(
+                client,
+                model,
+                inputs_dir,
+                out_dir,
+                targets,
+                objective,
+                input_grad=input_grad,
+                activations=activations,
+            )
+        typer.echo(f"wrote {count} results to {out_dir}")
+        return
+    if plot is not None and not (targets or input_grad):
+        _usage("there is nothing to draw: give --input-grad or a --target", "--plot")
     arrays = [_load_npy(path, "--input") for path in inputs or []]
     with Client(address, token=token, timeout=timeout) as client:
         description = client.describe(model)
@@ -526,6 +586,13 @@ def analyze(
     if out is not None:
         count = save(result, out)
         typer.echo(f"\nwrote {count} arrays to {out}")
+    if plot is not None:
+        image = arrays[0] if 0 in result.input_grads else None
+        try:
+            written = result.plot(plot, image=image)
+        except (ImportError, ValueError) as e:
+            _usage(str(e), "--plot")
+        typer.echo(f"wrote a picture to {written}")
 
 
 @app.command()
@@ -543,6 +610,280 @@ def health(
     typer.echo(status)
     if status != "SERVING":
         raise typer.Exit(1)
+
+
+class AttributionMethod(str, Enum):
+    """Attribution methods, named as Captum's classes in snake case."""
+
+    saliency = "saliency"
+    input_x_gradient = "input_x_gradient"
+    integrated_gradients = "integrated_gradients"
+    smoothgrad = "smoothgrad"
+    guided_backprop = "guided_backprop"
+    layer_gradient_x_activation = "layer_gradient_x_activation"
+    layer_grad_cam = "layer_grad_cam"
+    layer_integrated_gradients = "layer_integrated_gradients"
+    layer_conductance = "layer_conductance"
+
+
+@app.command()
+def attribute(
+    model: Model,
+    method: Annotated[
+        AttributionMethod, typer.Argument(metavar="METHOD", help="The attribution method.")
+    ],
+    inputs: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--input",
+            "-i",
+            exists=True,
+            dir_okay=False,
+            metavar="FILE.npy",
+            help="The model's next input, saved with np.save; give one per model input, in "
+            "order. Without any, seeded random inputs are used.",
+        ),
+    ] = None,
+    target: Annotated[
+        str | None,
+        typer.Option(
+            "--target",
+            "-t",
+            metavar="K[,K...]",
+            help="The class to attribute, as Captum's target: one index for every row, or "
+            "one per row.",
+        ),
+    ] = None,
+    layer: Annotated[
+        str | None,
+        typer.Option(
+            metavar="NAME",
+            help="For layer methods: a node name or module path (see `gradtap describe`).",
+        ),
+    ] = None,
+    output: Annotated[
+        int, typer.Option(min=0, metavar="N", help="The model output attributed.")
+    ] = 0,
+    params: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--param",
+            "-p",
+            metavar="NAME=VALUE",
+            help="A parameter of the method, with Captum's name: n_steps=20, "
+            "method=riemann_trapezoid, baselines=0 or baselines=FILE.npy, "
+            "internal_batch_size=64, nt_samples=10, stdevs=0.2, seed=0, abs=false, "
+            "relu_attributions=true, ...; repeatable.",
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(dir_okay=False, metavar="FILE.npy", help="Save the attribution here."),
+    ] = None,
+    seed: Annotated[
+        int, typer.Option(metavar="N", help="Seed for the random inputs used without --input.")
+    ] = 0,
+    address: Address = DEFAULT_ADDRESS,
+    token: Token = None,
+    timeout: Annotated[
+        float | None, typer.Option(metavar="SECONDS", help="Deadline of the call; none by default.")
+    ] = None,
+) -> None:
+    """Attribute an output to the input, or to a layer, with a Captum method.
+
+    Prints the attribution's shape, dtype, min, max, mean, L2 norm and first values.
+
+    \b
+    Example, with `make serve` running:
+      gradtap attribute seed-convnet integrated_gradients --target 3 -p n_steps=32
+      gradtap attribute seed-convnet layer_grad_cam --target 3 --layer conv2 --out cam.npy
+    """
+    options = _cli_attribution.parse_params(params or [])
+    targets = _cli_attribution.parse_targets(target)
+    if out is not None and not out.resolve().parent.is_dir():
+        _usage(f"the directory of {out} does not exist", "--out")
+    arrays = [_load_npy(path, "--input") for path in inputs or []]
+    with Client(address, token=token, timeout=timeout) as client:
+        description = client.describe(model)
+        if not arrays:
+            arrays = random_inputs(description.inputs, seed)
+        arrays = matched_inputs(arrays, description.inputs)
+        try:
+            attribution = client.attribute(
+                model, arrays, method.value, targets, layer, output=output, **options
+            )
+        except (TypeError, ValueError) as e:  # a parameter the wire cannot carry
+            _usage(str(e), "--param")
+    where = f"layer {layer}" if layer else "input"
+    header = _table(
+        [
+            ["model", model],
+            ["method", method.value],
+            ["target", target if target is not None else "-"],
+            ["attributed to", where],
+        ]
+    )
+    rows = [["KIND", "NAME", "SHAPE", "DTYPE", "MIN", "MAX", "MEAN", "L2", "FIRST"]]
+    rows.append(tensor_row("attribution", layer or "input", attribution))
+    typer.echo(header + "\n\n" + _table(rows))
+    if out is not None:
+        _cli_attribution.save_array(attribution, out)
+        typer.echo(f"\nwrote the attribution to {out}")
+
+
+class PerturbMethod(str, Enum):
+    """Adversarial loops."""
+
+    fgsm = "fgsm"
+    pgd = "pgd"
+
+
+class Norm(str, Enum):
+    """The norm of PGD's ball."""
+
+    Linf = "Linf"
+    L2 = "L2"
+
+
+@app.command()
+def perturb(
+    model: Model,
+    objective_spec: Annotated[
+        str,
+        typer.Option(
+            "--objective",
+            metavar="SPEC",
+            help=f"The loss the steps follow: {OBJECTIVE_SPECS.removesuffix(' | none')}.",
+        ),
+    ],
+    epsilon: Annotated[
+        float,
+        typer.Option(min=0, metavar="EPS", help="FGSM: the step size. PGD: the ball's radius."),
+    ],
+    inputs: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--input",
+            "-i",
+            exists=True,
+            dir_okay=False,
+            metavar="FILE.npy",
+            help="The model's next input, saved with np.save; give one per model input, in "
+            "order. Without any, seeded random inputs are used.",
+        ),
+    ] = None,
+    method: Annotated[PerturbMethod, typer.Option(help="FGSM (one step) or PGD.")] = (
+        PerturbMethod.fgsm
+    ),
+    objective_output: Annotated[
+        int, typer.Option(min=0, metavar="N", help="The model output the objective is taken at.")
+    ] = 0,
+    objective_node: Annotated[
+        str | None,
+        typer.Option(
+            metavar="NAME", help="Take the objective at this node or module path instead."
+        ),
+    ] = None,
+    step_size: Annotated[
+        float | None, typer.Option(min=0, metavar="ALPHA", help="PGD: the size of each step.")
+    ] = None,
+    steps: Annotated[
+        int | None, typer.Option(min=1, metavar="N", help="PGD: the number of steps.")
+    ] = None,
+    norm: Annotated[Norm, typer.Option(help="PGD: the norm of the ball.")] = Norm.Linf,
+    targeted: Annotated[
+        bool,
+        typer.Option(
+            "--targeted", help="Descend the objective instead of ascending it (a targeted attack)."
+        ),
+    ] = False,
+    clamp: Annotated[
+        str | None,
+        typer.Option(metavar="LO,HI", help="Bounds of the input's values, e.g. 0,1 or ,1."),
+    ] = None,
+    random_start: Annotated[
+        bool, typer.Option("--random-start", help="PGD: start from a random point of the ball.")
+    ] = False,
+    start_seed: Annotated[
+        int | None, typer.Option(min=0, metavar="N", help="Seed of the random start.")
+    ] = None,
+    mask: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            metavar="FILE.npy",
+            help="0/1 array shaped like the input: which elements may move.",
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(dir_okay=False, metavar="FILE.npy", help="Save the perturbed input here."),
+    ] = None,
+    seed: Annotated[
+        int, typer.Option(metavar="N", help="Seed for the random inputs used without --input.")
+    ] = 0,
+    address: Address = DEFAULT_ADDRESS,
+    token: Token = None,
+    timeout: Annotated[
+        float | None, typer.Option(metavar="SECONDS", help="Deadline of the call; none by default.")
+    ] = None,
+) -> None:
+    """Perturb the input to raise an objective (or lower it, --targeted), on the server.
+
+    Shows a progress bar with each step's loss, then the objective before and after and
+    how far the input moved.
+
+    \b
+    Example, with `make serve` running (the seed's adversarial example, as PGD):
+      gradtap perturb seed-mlp --objective mse:target.npy --objective-node relu_1 \\
+          --method pgd --epsilon 0.05 --step-size 0.01 --steps 20 --out adversarial.npy
+    """
+    objective = parse_objective(objective_spec, objective_output, objective_node)
+    if objective is None:
+        _usage("perturb needs an objective to follow", "--objective")
+    bounds = _cli_attribution.parse_clamp(clamp)
+    if out is not None and not out.resolve().parent.is_dir():
+        _usage(f"the directory of {out} does not exist", "--out")
+    arrays = [_load_npy(path, "--input") for path in inputs or []]
+    mask_array = _load_npy(mask, "--mask") if mask is not None else None
+    with Client(address, token=token, timeout=timeout) as client:
+        description = client.describe(model)
+        if not arrays:
+            arrays = random_inputs(description.inputs, seed)
+        arrays = matched_inputs(arrays, description.inputs)
+        total = (steps or 0) if method == PerturbMethod.pgd else 1
+        with _cli_attribution.progress(total, model) as on_step:
+            result = client.perturb(
+                model,
+                arrays,
+                method.value,
+                objective,
+                epsilon=epsilon,
+                step_size=step_size,
+                steps=steps,
+                norm=norm.value,
+                targeted=targeted,
+                clamp=bounds,
+                random_start=random_start,
+                seed=start_seed,
+                mask=mask_array,
+                on_step=on_step,
+            )
+    floating = [a for a in arrays if np.issubdtype(a.dtype, np.floating)]
+    rows = [
+        ["model", model],
+        ["method", method.value + (f" ({norm.value})" if method == PerturbMethod.pgd else "")],
+        ["objective before", f"{result.objective_before:.6g}"],
+        ["objective after", f"{result.objective_after:.6g}"],
+        ["steps", str(len(result.losses))],
+    ]
+    if floating:
+        rows += _cli_attribution.perturbation_rows(floating[0], result.adversarial)
+    typer.echo(_table(rows))
+    if out is not None:
+        _cli_attribution.save_array(result.adversarial, out)
+        typer.echo(f"\nwrote the perturbed input to {out}")
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from gradtap.v1 import gradtap_pb2 as pb
 
+from .batching import Batcher
 from .engine import Engine
 from .models import Registry, load_builtins, load_repository
 from .observability import Observability, start_metrics
@@ -40,6 +41,7 @@ class Settings:
     max_workers: int = 8
     max_request_bytes: int = 64 << 20
     max_tensor_elements: int = 1 << 28
+    max_result_bytes: int = 2 << 30
     grace_seconds: float = 10.0
     # Transport security and authentication (server/security.py).
     tls_cert: Path | None = None
@@ -53,6 +55,9 @@ class Settings:
     max_concurrent_requests: int = 4
     max_queue: int = 32
     max_call_seconds: float = 300.0
+    # Dynamic batching (server/batching.py); max_batch_size 1 turns it off.
+    max_batch_size: int = 16
+    batch_timeout_us: int = 2000
 
 
 def _interceptors(settings: Settings) -> list[grpc.ServerInterceptor]:
@@ -139,8 +144,17 @@ def start(
             ("grpc.so_reuseport", 0),
         ],
     )
+    batcher = Batcher(
+        engine,
+        max_batch_size=settings.max_batch_size,
+        timeout_us=settings.batch_timeout_us,
+        observe=observability.observe_batch,
+    )
     servicer = GradientServicer(
-        registry, engine, Limits(max_tensor_elements=settings.max_tensor_elements)
+        registry, engine, Limits(
+            max_tensor_elements=settings.max_tensor_elements,
+            max_result_bytes=settings.max_result_bytes,
+        ), batcher
     )
     add_to_server(servicer, server)
     health_servicer = health.HealthServicer()

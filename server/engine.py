@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from . import params as _params
+from . import reduce as _reduce
 from .errors import Cancelled, InvalidArgument, ResourceExhausted
 from .models import Model
 
@@ -32,6 +34,10 @@ class Role(enum.Enum):
     GRADIENT = "gradient"
     INPUT_GRADIENT = "input_gradient"
     OUTPUT = "output"
+    PARAMETER_GRADIENT = "parameter_gradient"
+    TOPK_INDICES = "topk_indices"
+    MEAN_GRADIENT = "mean_gradient"
+    MEAN_ABS_GRADIENT = "mean_abs_gradient"
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,8 @@ class Target:
     name: str
     activation: bool = False
     gradient: bool = True
+    reduction: _reduce.Reduction | None = None
+    """Reduced on the device before the host copy (server/reduce.py); None sends it whole."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,9 @@ class Objective:
     tensor: torch.Tensor | None = None
     reduction: str = "mean"
     field: str = "objective"
+    parts: tuple[tuple[int, int, Objective], ...] = ()
+    """For merged requests (server/batching.py): (first row, end row, that request's own
+    objective); the scalar is the sum of each part's objective on its rows."""
 
 
 @dataclass(frozen=True)
@@ -67,8 +78,12 @@ class Analysis:
     inputs: Sequence[torch.Tensor]
     targets: Sequence[Target] = ()
     objective: Objective | None = None
+    param_grads: Sequence[str] = ()
+    """State-dict names of parameters whose gradients to return; "*" means all of them."""
     input_gradients: bool = False
     outputs: bool = False
+    autocast: bool = False
+    """Run the forward pass under torch.autocast(bfloat16)."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +94,8 @@ class Collected:
     name: str
     index: int
     tensor: torch.Tensor
+    reduction: _reduce.Applied | None = None
+    """The reduction this tensor went through, if any."""
 
 
 @dataclass
@@ -89,9 +106,23 @@ class Outcome:
     loss: float
     device: str
     timings: dict[str, float] = field(default_factory=dict)
+    part_losses: list[float] = field(default_factory=list)
+    """Each part's loss, for merged requests."""
+    batch_size: int = 1
+    """How many requests shared the pass."""
+    precision: str = "full"
 
 
 ShouldStop = Callable[[], bool]
+
+_checkpoints = threading.local()
+"""The running request's should_stop, per thread, read by _checkpoint inside the graph."""
+
+
+def _checkpoint() -> None:
+    should_stop = getattr(_checkpoints, "should_stop", None)
+    if should_stop is not None and should_stop():
+        raise Cancelled("the call was cancelled", reason="CANCELLED")
 
 
 def _never() -> bool:
@@ -122,6 +153,12 @@ class Engine:
         flat_outputs = graph.graph_copy(source, copied)
         assert isinstance(flat_outputs, (tuple, list))
         by_name = {old.name: new for old, new in copied.items()}
+        # Between every two operators, a check that the caller is still there: a cancelled
+        # or expired call stops within one layer of the forward pass.
+        for node in list(graph.nodes):
+            if node.op == "call_function":
+                with graph.inserting_after(node):
+                    graph.call_function(_checkpoint)
         user_outputs = [flat_outputs[p] for p in model.output_positions]
         graph.output((*user_outputs, *(by_name[name] for name in captures)))
         module = torch.fx.GraphModule(model.program.graph_module, graph)
@@ -201,8 +238,10 @@ class Engine:
         started = time.perf_counter()
         self.check_inputs(model, request.inputs)
         captures, target_nodes = self._plan(model, request)
+        param_positions = _params.resolve(model, request.param_grads)
         objective = request.objective
         wants_grad = request.input_gradients or any(t.gradient for t in request.targets)
+        wants_grad = wants_grad or bool(param_positions)
         if wants_grad and objective is None:
             raise InvalidArgument(
                 "gradients need an objective (sum, logit, cross_entropy, mse or grad_outputs)",
@@ -228,13 +267,18 @@ class Engine:
                 for node in self._grad_sites(model, request, target_nodes)
             )
             state = [
-                v.detach().requires_grad_(True) if through_weights and v.is_floating_point() else v
-                for _, v, _ in model.state
+                v.detach().requires_grad_(True)
+                if v.is_floating_point() and (through_weights or p in param_positions)
+                else v
+                for p, (_, v, _) in enumerate(model.state)
             ]
             module = self._variant(model, captures)
             t0 = time.perf_counter()
+            autocast = torch.autocast(self.device.type, torch.bfloat16, enabled=request.autocast)
             try:
-                flat = module(*state, *inputs)
+                _checkpoints.should_stop = should_stop
+                with autocast:
+                    flat = module(*state, *inputs)
             except (RuntimeError, IndexError, ValueError) as e:
                 if isinstance(e, torch.OutOfMemoryError):
                     raise
@@ -247,6 +291,8 @@ class Engine:
                     reason="MODEL_REJECTED_INPUT",
                     field="inputs",
                 ) from e
+            finally:
+                _checkpoints.should_stop = None
             n_out = len(model.output_positions)
             outputs = list(flat[:n_out])
             captured = dict(zip(captures, flat[n_out:]))
@@ -256,12 +302,19 @@ class Engine:
                 raise Cancelled("the call was cancelled", reason="CANCELLED")
 
             loss_value = float("nan")
+            part_losses: list[float] = []
             gradients: dict[str, torch.Tensor] = {}
             input_grads: dict[int, torch.Tensor] = {}
+            param_grads: dict[int, torch.Tensor] = {}
             t0 = time.perf_counter()
             if objective is not None:
                 site = self._site(model, objective, outputs, captured)
-                loss = _loss(objective, site)
+                if objective.parts:
+                    losses = [_loss(part, site[a:b]) for a, b, part in objective.parts]
+                    part_losses = [float(x.detach()) for x in losses]
+                    loss = torch.stack(losses).sum()
+                else:
+                    loss = _loss(objective, site)
                 loss_value = float(loss.detach())
                 grad_nodes = list(
                     dict.fromkeys(
@@ -274,9 +327,11 @@ class Engine:
                     if request.input_gradients and t.is_floating_point()
                 ]
                 wrt = [captured[n] for n in grad_nodes] + [inputs[i] for i in grad_inputs]
+                wrt += [state[p] for p in param_positions]
                 grads = _grad(loss, wrt)
                 gradients = dict(zip(grad_nodes, grads[: len(grad_nodes)]))
                 input_grads = dict(zip(grad_inputs, grads[len(grad_nodes) :]))
+                param_grads = dict(zip(param_positions, grads[len(wrt) - len(param_positions) :]))
             self._sync()
             timings["backward_ms"] = (time.perf_counter() - t0) * 1e3
             if should_stop():
@@ -284,11 +339,27 @@ class Engine:
 
         t0 = time.perf_counter()
         tensors: list[Collected] = []
-        for target, node in zip(request.targets, target_nodes):
-            if target.activation:
-                tensors.append(Collected(Role.ACTIVATION, target.name, 0, _host(captured[node])))
-            if target.gradient:
-                tensors.append(Collected(Role.GRADIENT, target.name, 0, _host(gradients[node])))
+        for i, (target, node) in enumerate(zip(request.targets, target_nodes)):
+            r = _reduce.apply(
+                target.reduction,
+                captured[node] if target.activation else None,
+                gradients[node] if target.gradient else None,
+                f"targets[{i}]",
+            )
+            if r.activation is not None:
+                tensors.append(
+                    Collected(Role.ACTIVATION, target.name, 0, _host(r.activation), r.applied)
+                )
+            if r.gradient is not None:
+                tensors.append(
+                    Collected(Role.GRADIENT, target.name, 0, _host(r.gradient), r.applied)
+                )
+            if r.indices is not None:
+                tensors.append(
+                    Collected(Role.TOPK_INDICES, target.name, 0, _host(r.indices), r.applied)
+                )
+        for p, g in param_grads.items():
+            tensors.append(Collected(Role.PARAMETER_GRADIENT, model.state[p][0], 0, _host(g)))
         for i, g in input_grads.items():
             tensors.append(Collected(Role.INPUT_GRADIENT, "", i, _host(g)))
         if request.outputs:
@@ -296,7 +367,14 @@ class Engine:
                 tensors.append(Collected(Role.OUTPUT, "", i, _host(out)))
         timings["collect_ms"] = (time.perf_counter() - t0) * 1e3
         timings["total_ms"] = (time.perf_counter() - started) * 1e3
-        return Outcome(tensors=tensors, loss=loss_value, device=str(self.device), timings=timings)
+        return Outcome(
+            tensors=tensors,
+            loss=loss_value,
+            device=str(self.device),
+            timings=timings,
+            part_losses=part_losses,
+            precision="bfloat16-autocast" if request.autocast else "full",
+        )
 
     def _plan(self, model: Model, request: Analysis) -> tuple[tuple[str, ...], list[str]]:
         """Resolves targets to nodes; returns the nodes to capture and each target's node."""
@@ -327,6 +405,8 @@ class Engine:
                     reason="NOT_DIFFERENTIABLE",
                     field=f"targets[{i}].capture",
                 )
+            if target.reduction is not None:
+                _reduce.check(target.reduction, model.nodes[node].spec, f"targets[{i}]")
             target_nodes.append(node)
         captures = list(dict.fromkeys(target_nodes))
         objective = request.objective

@@ -382,6 +382,32 @@ def _check_graph(program: ExportedProgram) -> None:
             )
 
 
+OPTIONS_FILE = "gradtap.json"
+"""Per-model options an archive may carry: torch.export.save(..., extra_files={OPTIONS_FILE: ...}).
+
+Known keys: {"batching": false} opts the model out of dynamic batching."""
+
+
+def archive_options(data: bytes) -> dict[str, Any]:
+    """The archive's gradtap options (JSON, never code); empty when it has none."""
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+    except zipfile.BadZipFile as e:
+        raise ModelLoadError("not a zip archive (torch.export.save writes one)") from e
+    names = [n for n in archive.namelist() if n.endswith(f"/extra/{OPTIONS_FILE}")]
+    if not names:
+        return {}
+    try:
+        options = json.loads(archive.read(names[0]))
+    except ValueError as e:
+        raise ModelLoadError(f"extra/{OPTIONS_FILE} is not valid JSON") from e
+    if not isinstance(options, dict) or not set(options) <= {"batching"}:
+        raise ModelLoadError(f"extra/{OPTIONS_FILE} may only set: batching")
+    if not isinstance(options.get("batching", True), bool):
+        raise ModelLoadError(f"extra/{OPTIONS_FILE}: batching must be true or false")
+    return options
+
+
 def load_archive(data: bytes) -> ExportedProgram:
     """Loads a torch.export archive's bytes without unpickling or evaluating anything in it."""
     sanitized = _sanitized_archive(data)
@@ -407,6 +433,8 @@ class Dim:
     symbol: str = ""
     min: int = 0
     max: int | None = None
+    expr: Any = field(default=None, compare=False, repr=False)
+    """The sympy expression of a dynamic dimension (e.g. s77, or 2*s77)."""
 
 
 @dataclass(frozen=True)
@@ -451,6 +479,8 @@ class Model:
     """The node behind each user output."""
     input_dependent: frozenset[str] = frozenset()
     """Nodes whose value depends on a floating-point user input (so carry its gradient)."""
+    batchable: bool = True
+    """False when the model opted out of dynamic batching (see server/batching.py)."""
 
 
 def _dim(size: Any, ranges: dict[Any, Any]) -> Dim:
@@ -460,7 +490,7 @@ def _dim(size: Any, ranges: dict[Any, Any]) -> Dim:
     vr = ranges.get(expr)
     lower = int(vr.lower) if vr is not None and vr.lower.is_finite else 0
     upper = int(vr.upper) if vr is not None and vr.upper.is_finite else None
-    return Dim(size=None, symbol=str(expr), min=lower, max=upper)
+    return Dim(size=None, symbol=str(expr), min=lower, max=upper, expr=expr)
 
 
 def _spec(value: Any, ranges: dict[Any, Any]) -> Spec | None:
@@ -614,7 +644,10 @@ def load_repository(registry: Registry, directory: Path) -> list[str]:
         try:
             if not path.is_file():
                 raise ModelLoadError("not a regular file")
-            registry.add(name, "repository", load_archive(path.read_bytes()))
+            data = path.read_bytes()
+            options = archive_options(data)
+            model = registry.add(name, "repository", load_archive(data))
+            model.batchable = bool(options.get("batching", True))
         except ModelLoadError as e:
             log.error("refusing model archive %s: %s", path.name, e)
             refused.append(name)

@@ -347,6 +347,9 @@ def _watch_requests(call: _Call, requests: Iterator[Any]) -> Iterator[Any]:
 
 
 def _model_name(request: Any) -> str:
+    item = getattr(request, "item", None)  # AnalyzeMany names the model in each item
+    if item is not None:
+        request = item
     name = getattr(getattr(request, "model", None), "name", "")
     return name if isinstance(name, str) else ""
 

@@ -21,10 +21,14 @@ from grpc_status import rpc_status
 from gradtap.v1 import gradtap_pb2 as pb
 from gradtap.v1 import gradtap_pb2_grpc as pb_grpc
 
-from . import wire
+from . import budget, many, method_wire, wire
+from .adversarial import perturb
+from .attribution import attribute
+from .batching import Batcher
 from .engine import Analysis, Engine, Objective, Target
 from .errors import FailedPrecondition, InvalidArgument, Kind, NotFound, RequestError
 from .models import MODEL_NAME, Model, Registry, Spec
+from .reduce import Reduction
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +111,7 @@ class Limits:
     """What one request may ask of the server."""
 
     max_tensor_elements: int = 1 << 28
+    max_result_bytes: int = 2 << 30
 
 
 _CAPTURES = {
@@ -114,6 +119,11 @@ _CAPTURES = {
     pb.CAPTURE_GRADIENT: (False, True),
     pb.CAPTURE_ACTIVATION: (True, False),
     pb.CAPTURE_GRADIENT_AND_ACTIVATION: (True, True),
+}
+_PRECISIONS = {
+    pb.PRECISION_UNSPECIFIED: False,
+    pb.PRECISION_FULL: False,
+    pb.PRECISION_BFLOAT16_AUTOCAST: True,
 }
 _REDUCTIONS = {
     pb.LOSS_REDUCTION_UNSPECIFIED: "mean",
@@ -158,9 +168,16 @@ def replica_id() -> str:
 class GradientServicer(pb_grpc.GradientServiceServicer):
     """Implements gradtap.v1.GradientService over a registry of models and an engine."""
 
-    def __init__(self, registry: Registry, engine: Engine, limits: Limits | None = None) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        engine: Engine,
+        limits: Limits | None = None,
+        batcher: Batcher | None = None,
+    ) -> None:
         self.registry = registry
         self.engine = engine
+        self.run = batcher.analyze if batcher is not None else engine.analyze
         self.limits = limits or Limits()
         self.replica = replica_id()
 
@@ -199,8 +216,10 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         started = time.perf_counter()
         model = self._model(request.model)
         analysis = self._analysis(request)
+        self.engine.check_inputs(model, analysis.inputs)
+        budget.check(model, analysis, self.limits.max_result_bytes)
         decode_ms = (time.perf_counter() - started) * 1e3
-        outcome = self.engine.analyze(model, analysis, should_stop=lambda: not context.is_active())
+        outcome = self.run(model, analysis, should_stop=lambda: not context.is_active())
         timings = dict(outcome.timings, decode_ms=decode_ms)
         timings["total_ms"] = (time.perf_counter() - started) * 1e3
         summary = pb.AnalyzeSummary(
@@ -211,9 +230,87 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
             torch_version=torch.__version__,
             replica=self.replica,
             tensor_count=len(outcome.tensors),
+            batch_size=outcome.batch_size,
+            precision=outcome.precision,
         )
         first = pb.AnalyzeResponse(header=wire.header(outcome.tensors))
         yield from wire.frames(outcome.tensors, first, summary)
+
+    @_status_mapped
+    def AnalyzeMany(
+        self, requests: Iterator[pb.AnalyzeManyRequest], context: grpc.ServicerContext
+    ) -> Iterator[Any]:  # messages, or pre-encoded chunk messages (bytes)
+        stream_started = time.perf_counter()
+        options = pb.AnalyzeManyOptions()
+        aggregator: many.Aggregator | None = None
+        model: Model | None = None
+        device, precision = str(self.engine.device), ""
+        for k, request in enumerate(many.received(requests)):
+            started = time.perf_counter()
+            if k == 0:
+                options = request.options
+                if options.omit_items and not options.aggregate:
+                    raise InvalidArgument(
+                        "omit_items sends nothing back without aggregate",
+                        reason="BAD_OPTIONS",
+                        field="options.omit_items",
+                    )
+                aggregator = many.Aggregator() if options.aggregate else None
+            with many.item(k):
+                item_model = self._model(request.item.model)
+                if model is not None and item_model is not model:
+                    raise InvalidArgument(
+                        f"every item must name the model of the first, {model.name!r}",
+                        reason="MODEL_CHANGED",
+                        field="model.name",
+                    )
+                model = item_model
+                analysis = self._analysis(request.item)
+                self.engine.check_inputs(model, analysis.inputs)
+                budget.check(model, analysis, self.limits.max_result_bytes)
+                if aggregator is not None:
+                    aggregator.check(analysis)
+                decode_ms = (time.perf_counter() - started) * 1e3
+                outcome = self.engine.analyze(
+                    model, analysis, should_stop=lambda: not context.is_active()
+                )
+                if aggregator is not None:
+                    aggregator.add(analysis, outcome)
+            device, precision = outcome.device, outcome.precision
+            tensors = [] if options.omit_items else outcome.tensors
+            timings = dict(outcome.timings, decode_ms=decode_ms)
+            timings["total_ms"] = (time.perf_counter() - started) * 1e3
+            summary = self._many_summary(model, device, outcome.loss, timings, len(tensors))
+            summary.precision = precision
+            first = pb.AnalyzeManyResponse(index=k, header=wire.header(tensors))
+            yield from many.indexed(wire.frames(tensors, first, summary), k)
+        if aggregator is not None and model is not None:
+            tensors = aggregator.collected()
+            total_ms = (time.perf_counter() - stream_started) * 1e3
+            summary = self._many_summary(
+                model, device, aggregator.loss, {"total_ms": total_ms}, len(tensors)
+            )
+            summary.precision = precision
+            first = pb.AnalyzeManyResponse(
+                index=aggregator.items,
+                header=wire.header(tensors),
+                aggregate=pb.AggregateInfo(items=aggregator.items, rows=aggregator.rows),
+            )
+            yield from many.indexed(wire.frames(tensors, first, summary), aggregator.items)
+
+    def _many_summary(
+        self, model: Model, device: str, loss: float, timings: dict[str, float], count: int
+    ) -> pb.AnalyzeSummary:
+        return pb.AnalyzeSummary(
+            loss=loss,
+            model_digest=model.digest,
+            device=device,
+            timings=pb.Timings(**timings),
+            torch_version=torch.__version__,
+            replica=self.replica,
+            tensor_count=count,
+            batch_size=1,
+        )
 
     # -- decoding ---------------------------------------------------------------------------
 
@@ -261,14 +358,29 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
                     field=f"targets[{i}].capture",
                 )
             activation, gradient = _CAPTURES[t.capture]
-            targets.append(Target(name=t.name, activation=activation, gradient=gradient))
+            targets.append(
+                Target(
+                    name=t.name,
+                    activation=activation,
+                    gradient=gradient,
+                    reduction=_target_reduction(t, i),
+                )
+            )
         objective = self._objective(request) if request.HasField("objective") else None
+        if request.precision not in _PRECISIONS:
+            raise InvalidArgument(
+                f"precision has unknown value {request.precision}",
+                reason="BAD_PRECISION",
+                field="precision",
+            )
         return Analysis(
             inputs=inputs,
             targets=targets,
             objective=objective,
             input_gradients=request.input_gradients,
             outputs=request.outputs,
+            param_grads=list(request.param_grads),
+            autocast=_PRECISIONS[request.precision],
         )
 
     def _objective(self, request: pb.AnalyzeRequest) -> Objective:
@@ -301,6 +413,60 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
             reduction=reduction,
             field=field,
         )
+
+    @_status_mapped
+    def Attribute(
+        self, request: pb.AttributeRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.AttributeResponse]:
+        started = time.perf_counter()
+        model = self._model(request.model)
+        attribution = method_wire.attribution(request, self._tensor)
+        outcome = attribute(
+            self.engine.device, model, attribution, should_stop=lambda: not context.is_active()
+        )
+        yield from method_wire.attribute_responses(outcome, model, self.replica, started)
+
+    @_status_mapped
+    def Perturb(
+        self, request: pb.PerturbRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.PerturbResponse]:
+        started = time.perf_counter()
+        model = self._model(request.model)
+        objective = (
+            self._objective(pb.AnalyzeRequest(objective=request.objective))
+            if request.HasField("objective")
+            else None
+        )
+        perturbation = method_wire.perturbation(request, objective, self._tensor)
+        steps = perturb(
+            self.engine, model, perturbation, should_stop=lambda: not context.is_active()
+        )
+        yield from method_wire.perturb_responses(steps, model, self.replica, started)
+
+
+def _target_reduction(target: pb.TargetLayer, i: int) -> Reduction | None:
+    """The engine's Reduction for a target's reduction and transfer dtype; None for neither."""
+    field = f"targets[{i}]"
+    dtype = None
+    if target.dtype != pb.DTYPE_UNSPECIFIED:
+        dtype = wire.TORCH_DTYPES.get(target.dtype)
+        if dtype is None:
+            raise InvalidArgument(
+                f"{field}.dtype has unknown value {target.dtype}",
+                reason="UNSUPPORTED_TRANSFER_DTYPE",
+                field=f"{field}.dtype",
+            )
+    r = target.reduction
+    if r.reduce != pb.REDUCE_UNSPECIFIED and r.reduce not in wire.REDUCES:
+        raise InvalidArgument(
+            f"{field}.reduction.reduce has unknown value {r.reduce}",
+            reason="BAD_REDUCTION",
+            field=f"{field}.reduction.reduce",
+        )
+    reduction = Reduction(
+        reduce=wire.REDUCES.get(r.reduce), dims=tuple(r.dims) or None, topk=r.topk, dtype=dtype
+    )
+    return None if reduction == Reduction() else reduction
 
 
 def _summary(model: Model) -> pb.ModelSummary:

@@ -13,6 +13,7 @@ from gradtap.v1 import gradtap_pb2 as pb
 
 from .engine import Collected, Role
 from .errors import InvalidArgument, ResourceExhausted
+from .reduce import Applied
 
 if sys.byteorder != "little":  # the wire is little-endian and tensors are sent as raw memory
     raise ImportError("gradtap's server needs a little-endian machine")
@@ -44,7 +45,20 @@ ROLES = {
     Role.GRADIENT: pb.TENSOR_ROLE_GRADIENT,
     Role.INPUT_GRADIENT: pb.TENSOR_ROLE_INPUT_GRADIENT,
     Role.OUTPUT: pb.TENSOR_ROLE_OUTPUT,
+    Role.PARAMETER_GRADIENT: pb.TENSOR_ROLE_PARAMETER_GRADIENT,
+    Role.TOPK_INDICES: pb.TENSOR_ROLE_TOPK_INDICES,
+    Role.MEAN_GRADIENT: pb.TENSOR_ROLE_MEAN_GRADIENT,
+    Role.MEAN_ABS_GRADIENT: pb.TENSOR_ROLE_MEAN_ABS_GRADIENT,
 }
+
+REDUCES: dict[pb.Reduce.ValueType, str] = {
+    pb.REDUCE_SUM: "sum",
+    pb.REDUCE_MEAN: "mean",
+    pb.REDUCE_ABS_MEAN: "abs_mean",
+    pb.REDUCE_NORM: "norm",
+    pb.REDUCE_MAX: "max",
+}
+"""Wire reduce -> the engine's name (server/reduce.py); REDUCE_UNSPECIFIED means none."""
 
 
 def decode(message: pb.Tensor, field: str, max_elements: int) -> torch.Tensor:
@@ -114,7 +128,19 @@ def header(tensors: Sequence[Collected]) -> pb.AnalyzeHeader:
             )
         )
         result.total_bytes += result.tensors[-1].byte_size
+        if c.reduction is not None:
+            _reduction_header(result.tensors[-1], c.reduction)
     return result
+
+
+def _reduction_header(header: pb.TensorHeader, applied: Applied) -> None:
+    """Records in a tensor's header the reduction it went through."""
+    codes = {name: code for code, name in REDUCES.items()}
+    header.reduction.SetInParent()
+    header.reduction.reduce = codes.get(applied.reduce or "", pb.REDUCE_UNSPECIFIED)
+    header.reduction.dims.extend(applied.dims)
+    header.reduction.topk = applied.topk
+    header.reduced_shape.extend(applied.reduced_shape)
 
 
 def _varint(value: int) -> bytes:
@@ -145,6 +171,38 @@ def serialize(message: object) -> bytes:
     return message.SerializeToString()  # type: ignore[attr-defined, no-any-return]
 
 
+def on_host(tensors: Sequence[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """Each tensor on the host, in order. CUDA tensors are copied through pinned memory on a
+    side stream, the next one's copy overlapping the caller's streaming of the current one."""
+    cuda = [t for t in tensors if t.device.type == "cuda"]
+    if not cuda:
+        yield from tensors
+        return
+    stream = torch.cuda.Stream(cuda[0].device)  # type: ignore[no-untyped-call]
+
+    def start(t: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        if t.device.type != "cuda":
+            return t, None
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        stream.wait_stream(torch.cuda.current_stream(t.device))
+        with torch.cuda.stream(stream):
+            host.copy_(t, non_blocking=True)
+            done = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            done.record(stream)
+        t.record_stream(stream)  # keep the device memory until the copy is done
+        return host, done
+
+    pending = start(tensors[0])
+    for i in range(len(tensors)):
+        following = start(tensors[i + 1]) if i + 1 < len(tensors) else None
+        host, done = pending
+        if done is not None:
+            done.synchronize()
+        yield host
+        if following is not None:
+            pending = following
+
+
 def frames(
     tensors: Sequence[Collected], first: Message, summary: pb.AnalyzeSummary
 ) -> Iterator[Message | bytes]:
@@ -159,8 +217,8 @@ def frames(
     chunks_field = kind.DESCRIPTOR.fields_by_name["chunks"].number
     message: Message | None = first
     room = CHUNK_BYTES
-    for i, c in enumerate(tensors):
-        raw = c.tensor.reshape(-1).view(torch.uint8).numpy().data
+    for i, host in enumerate(on_host([c.tensor for c in tensors])):
+        raw = host.reshape(-1).view(torch.uint8).numpy().data
         offset = 0
         while offset < len(raw):
             if room == 0:

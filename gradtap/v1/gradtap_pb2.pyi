@@ -113,6 +113,42 @@ CAPTURE_GRADIENT_AND_ACTIVATION: Capture.ValueType  # 3
 """Both the gradient and the activation."""
 Global___Capture: _TypeAlias = Capture  # noqa: Y015
 
+class _Reduce:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ReduceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Reduce.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    REDUCE_UNSPECIFIED: _Reduce.ValueType  # 0
+    """No reduction: the tensor is sent whole (topk may still apply)."""
+    REDUCE_SUM: _Reduce.ValueType  # 1
+    """The sum over dims."""
+    REDUCE_MEAN: _Reduce.ValueType  # 2
+    """The mean over dims."""
+    REDUCE_ABS_MEAN: _Reduce.ValueType  # 3
+    """The mean of absolute values over dims."""
+    REDUCE_NORM: _Reduce.ValueType  # 4
+    """The L2 norm over dims: sqrt(sum(x * x))."""
+    REDUCE_MAX: _Reduce.ValueType  # 5
+    """The largest value over dims."""
+
+class Reduce(_Reduce, metaclass=_ReduceEnumTypeWrapper):
+    """How a target's tensors are reduced on the server before transfer."""
+
+REDUCE_UNSPECIFIED: Reduce.ValueType  # 0
+"""No reduction: the tensor is sent whole (topk may still apply)."""
+REDUCE_SUM: Reduce.ValueType  # 1
+"""The sum over dims."""
+REDUCE_MEAN: Reduce.ValueType  # 2
+"""The mean over dims."""
+REDUCE_ABS_MEAN: Reduce.ValueType  # 3
+"""The mean of absolute values over dims."""
+REDUCE_NORM: Reduce.ValueType  # 4
+"""The L2 norm over dims: sqrt(sum(x * x))."""
+REDUCE_MAX: Reduce.ValueType  # 5
+"""The largest value over dims."""
+Global___Reduce: _TypeAlias = Reduce  # noqa: Y015
+
 class _LossReduction:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -137,6 +173,34 @@ LOSS_REDUCTION_SUM: LossReduction.ValueType  # 2
 """The sum over elements."""
 Global___LossReduction: _TypeAlias = LossReduction  # noqa: Y015
 
+class _Precision:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PrecisionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Precision.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PRECISION_UNSPECIFIED: _Precision.ValueType  # 0
+    """Not set; treated as PRECISION_FULL."""
+    PRECISION_FULL: _Precision.ValueType  # 1
+    """The model's own dtype throughout."""
+    PRECISION_BFLOAT16_AUTOCAST: _Precision.ValueType  # 2
+    """torch.autocast to bfloat16: faster on GPUs, about 3 significant digits. Gradients are
+    returned in the dtype autograd produces (float32 for float32 nodes).
+    """
+
+class Precision(_Precision, metaclass=_PrecisionEnumTypeWrapper):
+    """Arithmetic of a forward pass."""
+
+PRECISION_UNSPECIFIED: Precision.ValueType  # 0
+"""Not set; treated as PRECISION_FULL."""
+PRECISION_FULL: Precision.ValueType  # 1
+"""The model's own dtype throughout."""
+PRECISION_BFLOAT16_AUTOCAST: Precision.ValueType  # 2
+"""torch.autocast to bfloat16: faster on GPUs, about 3 significant digits. Gradients are
+returned in the dtype autograd produces (float32 for float32 nodes).
+"""
+Global___Precision: _TypeAlias = Precision  # noqa: Y015
+
 class _TensorRole:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -153,6 +217,24 @@ class _TensorRoleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TensorRole
     """The gradient with respect to an input; index is the input's position."""
     TENSOR_ROLE_OUTPUT: _TensorRole.ValueType  # 4
     """A model output; index is the output's position."""
+    TENSOR_ROLE_ATTRIBUTION: _TensorRole.ValueType  # 5
+    """An attribution (Attribute): shaped like the attributed input, or like the layer for
+    layer methods; index is the attributed input's position (0 for layer methods).
+    """
+    TENSOR_ROLE_ADVERSARIAL: _TensorRole.ValueType  # 6
+    """A perturbed input (Perturb), shaped like that input; index is the input's position."""
+    TENSOR_ROLE_PARAMETER_GRADIENT: _TensorRole.ValueType  # 7
+    """The gradient with respect to a parameter; name is its state-dict name."""
+    TENSOR_ROLE_TOPK_INDICES: _TensorRole.ValueType  # 8
+    """The int64 flat positions of a target's topk entries; name is the target's name."""
+    TENSOR_ROLE_MEAN_GRADIENT: _TensorRole.ValueType  # 9
+    """An AnalyzeMany aggregate: the gradient at a target averaged over every batch row of
+    every item, shaped like one row; name is the target's name.
+    """
+    TENSOR_ROLE_MEAN_ABS_GRADIENT: _TensorRole.ValueType  # 10
+    """An AnalyzeMany aggregate: the mean absolute gradient at a target per channel
+    (dimension 1), over every other dimension of every item; name is the target's name.
+    """
 
 class TensorRole(_TensorRole, metaclass=_TensorRoleEnumTypeWrapper):
     """The role a streamed tensor plays in the result."""
@@ -167,7 +249,181 @@ TENSOR_ROLE_INPUT_GRADIENT: TensorRole.ValueType  # 3
 """The gradient with respect to an input; index is the input's position."""
 TENSOR_ROLE_OUTPUT: TensorRole.ValueType  # 4
 """A model output; index is the output's position."""
+TENSOR_ROLE_ATTRIBUTION: TensorRole.ValueType  # 5
+"""An attribution (Attribute): shaped like the attributed input, or like the layer for
+layer methods; index is the attributed input's position (0 for layer methods).
+"""
+TENSOR_ROLE_ADVERSARIAL: TensorRole.ValueType  # 6
+"""A perturbed input (Perturb), shaped like that input; index is the input's position."""
+TENSOR_ROLE_PARAMETER_GRADIENT: TensorRole.ValueType  # 7
+"""The gradient with respect to a parameter; name is its state-dict name."""
+TENSOR_ROLE_TOPK_INDICES: TensorRole.ValueType  # 8
+"""The int64 flat positions of a target's topk entries; name is the target's name."""
+TENSOR_ROLE_MEAN_GRADIENT: TensorRole.ValueType  # 9
+"""An AnalyzeMany aggregate: the gradient at a target averaged over every batch row of
+every item, shaped like one row; name is the target's name.
+"""
+TENSOR_ROLE_MEAN_ABS_GRADIENT: TensorRole.ValueType  # 10
+"""An AnalyzeMany aggregate: the mean absolute gradient at a target per channel
+(dimension 1), over every other dimension of every item; name is the target's name.
+"""
 Global___TensorRole: _TypeAlias = TensorRole  # noqa: Y015
+
+class _AttributionMethod:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AttributionMethodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AttributionMethod.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ATTRIBUTION_METHOD_UNSPECIFIED: _AttributionMethod.ValueType  # 0
+    """Not set; always rejected."""
+    ATTRIBUTION_METHOD_SALIENCY: _AttributionMethod.ValueType  # 1
+    """captum.attr.Saliency: the gradient (its absolute value unless params.abs is false)."""
+    ATTRIBUTION_METHOD_INPUT_X_GRADIENT: _AttributionMethod.ValueType  # 2
+    """captum.attr.InputXGradient: the input times its gradient."""
+    ATTRIBUTION_METHOD_INTEGRATED_GRADIENTS: _AttributionMethod.ValueType  # 3
+    """captum.attr.IntegratedGradients: params n_steps, method, baselines, internal_batch_size."""
+    ATTRIBUTION_METHOD_SMOOTHGRAD: _AttributionMethod.ValueType  # 4
+    """captum.attr.NoiseTunnel over Saliency with nt_type "smoothgrad": params nt_samples,
+    nt_samples_batch_size, stdevs, seed, abs.
+    """
+    ATTRIBUTION_METHOD_GUIDED_BACKPROP: _AttributionMethod.ValueType  # 5
+    """captum.attr.GuidedBackprop. Every ReLU of the graph is guided, including F.relu calls,
+    which Captum only sees when they are nn.ReLU modules.
+    """
+    ATTRIBUTION_METHOD_LAYER_GRADIENT_X_ACTIVATION: _AttributionMethod.ValueType  # 6
+    """captum.attr.LayerGradientXActivation at the layer: param multiply_by_inputs."""
+    ATTRIBUTION_METHOD_LAYER_GRAD_CAM: _AttributionMethod.ValueType  # 7
+    """captum.attr.LayerGradCam at the layer: params relu_attributions, attr_dim_summation."""
+    ATTRIBUTION_METHOD_LAYER_INTEGRATED_GRADIENTS: _AttributionMethod.ValueType  # 8
+    """captum.attr.LayerIntegratedGradients at the layer: params n_steps, method, baselines,
+    internal_batch_size, multiply_by_inputs.
+    """
+    ATTRIBUTION_METHOD_LAYER_CONDUCTANCE: _AttributionMethod.ValueType  # 9
+    """captum.attr.LayerConductance at the layer: params n_steps, method, baselines,
+    internal_batch_size.
+    """
+
+class AttributionMethod(_AttributionMethod, metaclass=_AttributionMethodEnumTypeWrapper):
+    """An attribution method. Names and parameters follow Captum's (captum.attr)."""
+
+ATTRIBUTION_METHOD_UNSPECIFIED: AttributionMethod.ValueType  # 0
+"""Not set; always rejected."""
+ATTRIBUTION_METHOD_SALIENCY: AttributionMethod.ValueType  # 1
+"""captum.attr.Saliency: the gradient (its absolute value unless params.abs is false)."""
+ATTRIBUTION_METHOD_INPUT_X_GRADIENT: AttributionMethod.ValueType  # 2
+"""captum.attr.InputXGradient: the input times its gradient."""
+ATTRIBUTION_METHOD_INTEGRATED_GRADIENTS: AttributionMethod.ValueType  # 3
+"""captum.attr.IntegratedGradients: params n_steps, method, baselines, internal_batch_size."""
+ATTRIBUTION_METHOD_SMOOTHGRAD: AttributionMethod.ValueType  # 4
+"""captum.attr.NoiseTunnel over Saliency with nt_type "smoothgrad": params nt_samples,
+nt_samples_batch_size, stdevs, seed, abs.
+"""
+ATTRIBUTION_METHOD_GUIDED_BACKPROP: AttributionMethod.ValueType  # 5
+"""captum.attr.GuidedBackprop. Every ReLU of the graph is guided, including F.relu calls,
+which Captum only sees when they are nn.ReLU modules.
+"""
+ATTRIBUTION_METHOD_LAYER_GRADIENT_X_ACTIVATION: AttributionMethod.ValueType  # 6
+"""captum.attr.LayerGradientXActivation at the layer: param multiply_by_inputs."""
+ATTRIBUTION_METHOD_LAYER_GRAD_CAM: AttributionMethod.ValueType  # 7
+"""captum.attr.LayerGradCam at the layer: params relu_attributions, attr_dim_summation."""
+ATTRIBUTION_METHOD_LAYER_INTEGRATED_GRADIENTS: AttributionMethod.ValueType  # 8
+"""captum.attr.LayerIntegratedGradients at the layer: params n_steps, method, baselines,
+internal_batch_size, multiply_by_inputs.
+"""
+ATTRIBUTION_METHOD_LAYER_CONDUCTANCE: AttributionMethod.ValueType  # 9
+"""captum.attr.LayerConductance at the layer: params n_steps, method, baselines,
+internal_batch_size.
+"""
+Global___AttributionMethod: _TypeAlias = AttributionMethod  # noqa: Y015
+
+class _IntegrationMethod:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _IntegrationMethodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_IntegrationMethod.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    INTEGRATION_METHOD_UNSPECIFIED: _IntegrationMethod.ValueType  # 0
+    """Not set; treated as INTEGRATION_METHOD_GAUSSLEGENDRE, Captum's default."""
+    INTEGRATION_METHOD_GAUSSLEGENDRE: _IntegrationMethod.ValueType  # 1
+    """Gauss-Legendre quadrature ("gausslegendre")."""
+    INTEGRATION_METHOD_RIEMANN_LEFT: _IntegrationMethod.ValueType  # 2
+    """Left Riemann sum ("riemann_left")."""
+    INTEGRATION_METHOD_RIEMANN_RIGHT: _IntegrationMethod.ValueType  # 3
+    """Right Riemann sum ("riemann_right")."""
+    INTEGRATION_METHOD_RIEMANN_MIDDLE: _IntegrationMethod.ValueType  # 4
+    """Midpoint Riemann sum ("riemann_middle")."""
+    INTEGRATION_METHOD_RIEMANN_TRAPEZOID: _IntegrationMethod.ValueType  # 5
+    """Trapezoidal rule ("riemann_trapezoid")."""
+
+class IntegrationMethod(_IntegrationMethod, metaclass=_IntegrationMethodEnumTypeWrapper):
+    """How integrated gradients approximate the path integral (Captum's `method`)."""
+
+INTEGRATION_METHOD_UNSPECIFIED: IntegrationMethod.ValueType  # 0
+"""Not set; treated as INTEGRATION_METHOD_GAUSSLEGENDRE, Captum's default."""
+INTEGRATION_METHOD_GAUSSLEGENDRE: IntegrationMethod.ValueType  # 1
+"""Gauss-Legendre quadrature ("gausslegendre")."""
+INTEGRATION_METHOD_RIEMANN_LEFT: IntegrationMethod.ValueType  # 2
+"""Left Riemann sum ("riemann_left")."""
+INTEGRATION_METHOD_RIEMANN_RIGHT: IntegrationMethod.ValueType  # 3
+"""Right Riemann sum ("riemann_right")."""
+INTEGRATION_METHOD_RIEMANN_MIDDLE: IntegrationMethod.ValueType  # 4
+"""Midpoint Riemann sum ("riemann_middle")."""
+INTEGRATION_METHOD_RIEMANN_TRAPEZOID: IntegrationMethod.ValueType  # 5
+"""Trapezoidal rule ("riemann_trapezoid")."""
+Global___IntegrationMethod: _TypeAlias = IntegrationMethod  # noqa: Y015
+
+class _PerturbMethod:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PerturbMethodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PerturbMethod.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PERTURB_METHOD_UNSPECIFIED: _PerturbMethod.ValueType  # 0
+    """Not set; always rejected."""
+    PERTURB_METHOD_FGSM: _PerturbMethod.ValueType  # 1
+    """Fast gradient sign method (captum.robust.FGSM): one step of size epsilon."""
+    PERTURB_METHOD_PGD: _PerturbMethod.ValueType  # 2
+    """Projected gradient descent (captum.robust.PGD): steps of size step_size, each
+    projected onto the epsilon ball around the input.
+    """
+
+class PerturbMethod(_PerturbMethod, metaclass=_PerturbMethodEnumTypeWrapper):
+    """An adversarial loop."""
+
+PERTURB_METHOD_UNSPECIFIED: PerturbMethod.ValueType  # 0
+"""Not set; always rejected."""
+PERTURB_METHOD_FGSM: PerturbMethod.ValueType  # 1
+"""Fast gradient sign method (captum.robust.FGSM): one step of size epsilon."""
+PERTURB_METHOD_PGD: PerturbMethod.ValueType  # 2
+"""Projected gradient descent (captum.robust.PGD): steps of size step_size, each
+projected onto the epsilon ball around the input.
+"""
+Global___PerturbMethod: _TypeAlias = PerturbMethod  # noqa: Y015
+
+class _PerturbNorm:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PerturbNormEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PerturbNorm.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PERTURB_NORM_UNSPECIFIED: _PerturbNorm.ValueType  # 0
+    """Not set; treated as PERTURB_NORM_LINF, Captum's default."""
+    PERTURB_NORM_LINF: _PerturbNorm.ValueType  # 1
+    """The max norm ("Linf"): each element moves at most epsilon."""
+    PERTURB_NORM_L2: _PerturbNorm.ValueType  # 2
+    """The Euclidean norm of each row ("L2")."""
+
+class PerturbNorm(_PerturbNorm, metaclass=_PerturbNormEnumTypeWrapper):
+    """The norm of PGD's ball (Captum's `norm`)."""
+
+PERTURB_NORM_UNSPECIFIED: PerturbNorm.ValueType  # 0
+"""Not set; treated as PERTURB_NORM_LINF, Captum's default."""
+PERTURB_NORM_LINF: PerturbNorm.ValueType  # 1
+"""The max norm ("Linf"): each element moves at most epsilon."""
+PERTURB_NORM_L2: PerturbNorm.ValueType  # 2
+"""The Euclidean norm of each row ("L2")."""
+Global___PerturbNorm: _TypeAlias = PerturbNorm  # noqa: Y015
 
 @_typing.final
 class Tensor(_message.Message):
@@ -283,6 +539,8 @@ class TargetLayer(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     CAPTURE_FIELD_NUMBER: _builtins.int
+    REDUCTION_FIELD_NUMBER: _builtins.int
+    DTYPE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """A graph-node name as DescribeModel lists it (e.g. "relu_1"), or a module path
     (e.g. "conv2", "layer1.0.conv1") meaning that module's output. Graph-node names win
@@ -290,19 +548,70 @@ class TargetLayer(_message.Message):
     """
     capture: Global___Capture.ValueType
     """What to capture; the gradient when unset."""
+    dtype: Global___DType.ValueType
+    """The element type the target's tensors travel in: DTYPE_FLOAT32, DTYPE_FLOAT16 or
+    DTYPE_BFLOAT16, cast on the server after any reduction. Unset keeps the node's dtype.
+    """
+    @_builtins.property
+    def reduction(self) -> Global___Reduction:
+        """Optional reduction of the target's gradient and activation, computed on the server so
+        that only the reduced tensor crosses the wire. Needs a floating-point node.
+        """
+
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         capture: Global___Capture.ValueType = ...,
+        reduction: Global___Reduction | None = ...,
+        dtype: Global___DType.ValueType = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["reduction", b"reduction"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capture", b"capture", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capture", b"capture", "dtype", b"dtype", "name", b"name", "reduction", b"reduction"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TargetLayer: _TypeAlias = TargetLayer  # noqa: Y015
+
+@_typing.final
+class Reduction(_message.Message):
+    """A reduction of a target's tensors: reduce over dims, then keep the top k entries."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REDUCE_FIELD_NUMBER: _builtins.int
+    DIMS_FIELD_NUMBER: _builtins.int
+    TOPK_FIELD_NUMBER: _builtins.int
+    reduce: Global___Reduce.ValueType
+    """What to compute over dims; none when unset."""
+    topk: _builtins.int
+    """When > 0: keep only the topk entries of largest magnitude, sorted by decreasing
+    magnitude, per batch row while dimension 0 survives the reduction and over the whole
+    tensor otherwise. Their flat row-major positions arrive as TENSOR_ROLE_TOPK_INDICES.
+    When both the gradient and the activation are captured, the positions are chosen by
+    the gradient and the activation is taken at the same positions.
+    """
+    @_builtins.property
+    def dims(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The dimensions reduced; negative values count from the end, as in numpy. Empty means
+        every dimension except the batch dimension 0. Must be empty when reduce is unset.
+        """
+
+    def __init__(
+        self,
+        *,
+        reduce: Global___Reduce.ValueType = ...,
+        dims: _abc.Iterable[_builtins.int] | None = ...,
+        topk: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dims", b"dims", "reduce", b"reduce", "topk", b"topk"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Reduction: _TypeAlias = Reduction  # noqa: Y015
 
 @_typing.final
 class ObjectiveSite(_message.Message):
@@ -765,10 +1074,14 @@ class AnalyzeRequest(_message.Message):
     OBJECTIVE_FIELD_NUMBER: _builtins.int
     INPUT_GRADIENTS_FIELD_NUMBER: _builtins.int
     OUTPUTS_FIELD_NUMBER: _builtins.int
+    PARAM_GRADS_FIELD_NUMBER: _builtins.int
+    PRECISION_FIELD_NUMBER: _builtins.int
     input_gradients: _builtins.bool
     """Also return the gradient with respect to every floating-point input."""
     outputs: _builtins.bool
     """Also return the model's outputs. The summary always carries the loss."""
+    precision: Global___Precision.ValueType
+    """Arithmetic of the forward pass; full precision when unset."""
     @_builtins.property
     def model(self) -> Global___Model:
         """The model to run."""
@@ -785,6 +1098,12 @@ class AnalyzeRequest(_message.Message):
     def objective(self) -> Global___Objective:
         """The scalar to differentiate. Required unless only activations are requested."""
 
+    @_builtins.property
+    def param_grads(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """State-dict names of parameters whose gradients to return, or "*" for every parameter
+        (DescribeModel lists them). Needs an objective.
+        """
+
     def __init__(
         self,
         *,
@@ -794,10 +1113,12 @@ class AnalyzeRequest(_message.Message):
         objective: Global___Objective | None = ...,
         input_gradients: _builtins.bool = ...,
         outputs: _builtins.bool = ...,
+        param_grads: _abc.Iterable[_builtins.str] | None = ...,
+        precision: Global___Precision.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "objective", b"objective"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["input_gradients", b"input_gradients", "inputs", b"inputs", "model", b"model", "objective", b"objective", "outputs", b"outputs", "targets", b"targets"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["input_gradients", b"input_gradients", "inputs", b"inputs", "model", b"model", "objective", b"objective", "outputs", b"outputs", "param_grads", b"param_grads", "precision", b"precision", "targets", b"targets"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -816,6 +1137,8 @@ class TensorHeader(_message.Message):
     DTYPE_FIELD_NUMBER: _builtins.int
     SHAPE_FIELD_NUMBER: _builtins.int
     BYTE_SIZE_FIELD_NUMBER: _builtins.int
+    REDUCTION_FIELD_NUMBER: _builtins.int
+    REDUCED_SHAPE_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Identifies the tensor's chunks within this stream: 0, 1, 2, ... in header order."""
     role: Global___TensorRole.ValueType
@@ -832,6 +1155,18 @@ class TensorHeader(_message.Message):
     def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Shape of the tensor."""
 
+    @_builtins.property
+    def reduction(self) -> Global___Reduction:
+        """For a target's reduced tensors: the reduction the server applied, with dims resolved
+        (non-negative, sorted, the default filled in). Unset when none was applied.
+        """
+
+    @_builtins.property
+    def reduced_shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """With a reduction: the shape after reducing dims and before taking the topk, which
+        the topk indices are flat positions in (per row: its dimensions after the first).
+        """
+
     def __init__(
         self,
         *,
@@ -842,10 +1177,12 @@ class TensorHeader(_message.Message):
         dtype: Global___DType.ValueType = ...,
         shape: _abc.Iterable[_builtins.int] | None = ...,
         byte_size: _builtins.int = ...,
+        reduction: Global___Reduction | None = ...,
+        reduced_shape: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["reduction", b"reduction"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["byte_size", b"byte_size", "dtype", b"dtype", "id", b"id", "index", b"index", "name", b"name", "role", b"role", "shape", b"shape"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["byte_size", b"byte_size", "dtype", b"dtype", "id", b"id", "index", b"index", "name", b"name", "reduced_shape", b"reduced_shape", "reduction", b"reduction", "role", b"role", "shape", b"shape"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -962,6 +1299,8 @@ class AnalyzeSummary(_message.Message):
     TORCH_VERSION_FIELD_NUMBER: _builtins.int
     REPLICA_FIELD_NUMBER: _builtins.int
     TENSOR_COUNT_FIELD_NUMBER: _builtins.int
+    BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    PRECISION_FIELD_NUMBER: _builtins.int
     loss: _builtins.float
     """The objective's value; NaN when no objective was given."""
     model_digest: _builtins.str
@@ -974,6 +1313,12 @@ class AnalyzeSummary(_message.Message):
     """The replica that served the call: "<host>:<pid>"."""
     tensor_count: _builtins.int
     """Number of tensors sent; equals the header's count."""
+    batch_size: _builtins.int
+    """How many requests shared the forward and backward pass that produced this result
+    (dynamic batching); 1 when it ran alone. Batching never changes the numbers.
+    """
+    precision: _builtins.str
+    """The arithmetic of the forward pass: "full" or "bfloat16-autocast"."""
     @_builtins.property
     def timings(self) -> Global___Timings:
         """Where the time went."""
@@ -988,10 +1333,12 @@ class AnalyzeSummary(_message.Message):
         torch_version: _builtins.str = ...,
         replica: _builtins.str = ...,
         tensor_count: _builtins.int = ...,
+        batch_size: _builtins.int = ...,
+        precision: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timings", b"timings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "loss", b"loss", "model_digest", b"model_digest", "replica", b"replica", "tensor_count", b"tensor_count", "timings", b"timings", "torch_version", b"torch_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "device", b"device", "loss", b"loss", "model_digest", b"model_digest", "precision", b"precision", "replica", b"replica", "tensor_count", b"tensor_count", "timings", b"timings", "torch_version", b"torch_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1034,3 +1381,663 @@ class AnalyzeResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AnalyzeResponse: _TypeAlias = AnalyzeResponse  # noqa: Y015
+
+@_typing.final
+class AttributionParams(_message.Message):
+    """The parameters of an attribution method, named as Captum names them. Unset fields take
+    Captum's defaults; setting one the method does not take is INVALID_ARGUMENT.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    N_STEPS_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    BASELINES_FIELD_NUMBER: _builtins.int
+    INTERNAL_BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    NT_SAMPLES_FIELD_NUMBER: _builtins.int
+    NT_SAMPLES_BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    STDEVS_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    ABS_FIELD_NUMBER: _builtins.int
+    RELU_ATTRIBUTIONS_FIELD_NUMBER: _builtins.int
+    MULTIPLY_BY_INPUTS_FIELD_NUMBER: _builtins.int
+    ATTR_DIM_SUMMATION_FIELD_NUMBER: _builtins.int
+    n_steps: _builtins.int
+    """Integration steps (integrated gradients, layer IG, conductance): 1 to 4096; default 50."""
+    method: Global___IntegrationMethod.ValueType
+    """Integration rule (integrated gradients, layer IG, conductance); default gausslegendre."""
+    internal_batch_size: _builtins.int
+    """Rows per forward pass when the integration steps are evaluated, at least 1. Unset
+    lets the server choose from the model's activation size, so a large n_steps never
+    runs as one batch.
+    """
+    nt_samples: _builtins.int
+    """Noisy samples per row (smoothgrad): 1 to 1024; default 5."""
+    nt_samples_batch_size: _builtins.int
+    """Noisy samples per row evaluated in one forward pass (smoothgrad). Unset: all of them,
+    as Captum, unless they exceed the server's activation budget.
+    """
+    stdevs: _builtins.float
+    """Standard deviation of the noise added to the input (smoothgrad): >= 0; default 1.0."""
+    seed: _builtins.int
+    """Seed of the noise (smoothgrad). The same seed gives the same attribution; on the CPU
+    it draws the noise that torch.manual_seed(seed) then Captum's NoiseTunnel would.
+    Unset draws a fresh seed, reported in the summary.
+    """
+    abs: _builtins.bool
+    """Absolute value of the gradient (saliency, smoothgrad); default true."""
+    relu_attributions: _builtins.bool
+    """Apply a ReLU to the Grad-CAM map (layer_grad_cam); default false."""
+    multiply_by_inputs: _builtins.bool
+    """Multiply by the input (or activation) minus its baseline (integrated gradients, layer
+    IG), or by the activation (layer gradient x activation); default true.
+    """
+    attr_dim_summation: _builtins.bool
+    """Sum the Grad-CAM map over channels (layer_grad_cam); default true."""
+    @_builtins.property
+    def baselines(self) -> Global___Tensor:
+        """The baseline of the attributed input: a scalar, one row (1, ...) or the input's
+        shape, of the input's dtype. Unset means zeros, Captum's default. For layer IG on a
+        model without a floating-point input, the first input's baseline, e.g. padding ids.
+        """
+
+    def __init__(
+        self,
+        *,
+        n_steps: _builtins.int | None = ...,
+        method: Global___IntegrationMethod.ValueType = ...,
+        baselines: Global___Tensor | None = ...,
+        internal_batch_size: _builtins.int | None = ...,
+        nt_samples: _builtins.int | None = ...,
+        nt_samples_batch_size: _builtins.int | None = ...,
+        stdevs: _builtins.float | None = ...,
+        seed: _builtins.int | None = ...,
+        abs: _builtins.bool | None = ...,
+        relu_attributions: _builtins.bool | None = ...,
+        multiply_by_inputs: _builtins.bool | None = ...,
+        attr_dim_summation: _builtins.bool | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_abs", b"_abs", "_attr_dim_summation", b"_attr_dim_summation", "_internal_batch_size", b"_internal_batch_size", "_multiply_by_inputs", b"_multiply_by_inputs", "_n_steps", b"_n_steps", "_nt_samples", b"_nt_samples", "_nt_samples_batch_size", b"_nt_samples_batch_size", "_relu_attributions", b"_relu_attributions", "_seed", b"_seed", "_stdevs", b"_stdevs", "abs", b"abs", "attr_dim_summation", b"attr_dim_summation", "baselines", b"baselines", "internal_batch_size", b"internal_batch_size", "multiply_by_inputs", b"multiply_by_inputs", "n_steps", b"n_steps", "nt_samples", b"nt_samples", "nt_samples_batch_size", b"nt_samples_batch_size", "relu_attributions", b"relu_attributions", "seed", b"seed", "stdevs", b"stdevs"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_abs", b"_abs", "_attr_dim_summation", b"_attr_dim_summation", "_internal_batch_size", b"_internal_batch_size", "_multiply_by_inputs", b"_multiply_by_inputs", "_n_steps", b"_n_steps", "_nt_samples", b"_nt_samples", "_nt_samples_batch_size", b"_nt_samples_batch_size", "_relu_attributions", b"_relu_attributions", "_seed", b"_seed", "_stdevs", b"_stdevs", "abs", b"abs", "attr_dim_summation", b"attr_dim_summation", "baselines", b"baselines", "internal_batch_size", b"internal_batch_size", "method", b"method", "multiply_by_inputs", b"multiply_by_inputs", "n_steps", b"n_steps", "nt_samples", b"nt_samples", "nt_samples_batch_size", b"nt_samples_batch_size", "relu_attributions", b"relu_attributions", "seed", b"seed", "stdevs", b"stdevs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__abs: _TypeAlias = _typing.Literal["abs"]  # noqa: Y015
+    _WhichOneofArgType__abs: _TypeAlias = _typing.Literal["_abs", b"_abs"]  # noqa: Y015
+    _WhichOneofReturnType__attr_dim_summation: _TypeAlias = _typing.Literal["attr_dim_summation"]  # noqa: Y015
+    _WhichOneofArgType__attr_dim_summation: _TypeAlias = _typing.Literal["_attr_dim_summation", b"_attr_dim_summation"]  # noqa: Y015
+    _WhichOneofReturnType__internal_batch_size: _TypeAlias = _typing.Literal["internal_batch_size"]  # noqa: Y015
+    _WhichOneofArgType__internal_batch_size: _TypeAlias = _typing.Literal["_internal_batch_size", b"_internal_batch_size"]  # noqa: Y015
+    _WhichOneofReturnType__multiply_by_inputs: _TypeAlias = _typing.Literal["multiply_by_inputs"]  # noqa: Y015
+    _WhichOneofArgType__multiply_by_inputs: _TypeAlias = _typing.Literal["_multiply_by_inputs", b"_multiply_by_inputs"]  # noqa: Y015
+    _WhichOneofReturnType__n_steps: _TypeAlias = _typing.Literal["n_steps"]  # noqa: Y015
+    _WhichOneofArgType__n_steps: _TypeAlias = _typing.Literal["_n_steps", b"_n_steps"]  # noqa: Y015
+    _WhichOneofReturnType__nt_samples: _TypeAlias = _typing.Literal["nt_samples"]  # noqa: Y015
+    _WhichOneofArgType__nt_samples: _TypeAlias = _typing.Literal["_nt_samples", b"_nt_samples"]  # noqa: Y015
+    _WhichOneofReturnType__nt_samples_batch_size: _TypeAlias = _typing.Literal["nt_samples_batch_size"]  # noqa: Y015
+    _WhichOneofArgType__nt_samples_batch_size: _TypeAlias = _typing.Literal["_nt_samples_batch_size", b"_nt_samples_batch_size"]  # noqa: Y015
+    _WhichOneofReturnType__relu_attributions: _TypeAlias = _typing.Literal["relu_attributions"]  # noqa: Y015
+    _WhichOneofArgType__relu_attributions: _TypeAlias = _typing.Literal["_relu_attributions", b"_relu_attributions"]  # noqa: Y015
+    _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
+    _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
+    _WhichOneofReturnType__stdevs: _TypeAlias = _typing.Literal["stdevs"]  # noqa: Y015
+    _WhichOneofArgType__stdevs: _TypeAlias = _typing.Literal["_stdevs", b"_stdevs"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__abs) -> _WhichOneofReturnType__abs | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__attr_dim_summation) -> _WhichOneofReturnType__attr_dim_summation | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__internal_batch_size) -> _WhichOneofReturnType__internal_batch_size | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__multiply_by_inputs) -> _WhichOneofReturnType__multiply_by_inputs | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__n_steps) -> _WhichOneofReturnType__n_steps | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__nt_samples) -> _WhichOneofReturnType__nt_samples | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__nt_samples_batch_size) -> _WhichOneofReturnType__nt_samples_batch_size | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__relu_attributions) -> _WhichOneofReturnType__relu_attributions | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__stdevs) -> _WhichOneofReturnType__stdevs | None: ...
+
+Global___AttributionParams: _TypeAlias = AttributionParams  # noqa: Y015
+
+@_typing.final
+class AttributeRequest(_message.Message):
+    """Attributes one output of a model to its input or to a layer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    INPUTS_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    OUTPUT_FIELD_NUMBER: _builtins.int
+    LAYER_FIELD_NUMBER: _builtins.int
+    PARAMS_FIELD_NUMBER: _builtins.int
+    method: Global___AttributionMethod.ValueType
+    """The method."""
+    output: _builtins.int
+    """The output attributed, for models that return several; 0 by default."""
+    layer: _builtins.str
+    """For layer methods: a graph-node name or module path, as DescribeModel lists them.
+    Empty for the other methods.
+    """
+    @_builtins.property
+    def model(self) -> Global___Model:
+        """The model to run."""
+
+    @_builtins.property
+    def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tensor]:
+        """The model's positional inputs, checked against DescribeModel's input specs. The one
+        floating-point input is attributed; other inputs (token ids, masks) are held fixed, as
+        Captum's additional_forward_args. Layer gradient x activation and Grad-CAM take any
+        inputs; layer IG on a model without a floating-point input baselines its first input.
+        """
+
+    @_builtins.property
+    def target(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Captum's target: the class index of each row. One value applies to every row; else
+        one value per row. Empty when the output has one value per row.
+        """
+
+    @_builtins.property
+    def params(self) -> Global___AttributionParams:
+        """The method's parameters."""
+
+    def __init__(
+        self,
+        *,
+        model: Global___Model | None = ...,
+        inputs: _abc.Iterable[Global___Tensor] | None = ...,
+        method: Global___AttributionMethod.ValueType = ...,
+        target: _abc.Iterable[_builtins.int] | None = ...,
+        output: _builtins.int = ...,
+        layer: _builtins.str = ...,
+        params: Global___AttributionParams | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "params", b"params"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "layer", b"layer", "method", b"method", "model", b"model", "output", b"output", "params", b"params", "target", b"target"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AttributeRequest: _TypeAlias = AttributeRequest  # noqa: Y015
+
+@_typing.final
+class AttributeSummary(_message.Message):
+    """The last part of an Attribute stream. Its arrival means the result is complete."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_DIGEST_FIELD_NUMBER: _builtins.int
+    DEVICE_FIELD_NUMBER: _builtins.int
+    TORCH_VERSION_FIELD_NUMBER: _builtins.int
+    CAPTUM_VERSION_FIELD_NUMBER: _builtins.int
+    REPLICA_FIELD_NUMBER: _builtins.int
+    TENSOR_COUNT_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    INTERNAL_BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    COMPUTE_MS_FIELD_NUMBER: _builtins.int
+    TOTAL_MS_FIELD_NUMBER: _builtins.int
+    model_digest: _builtins.str
+    """The digest of the model that ran: "sha256:<hex>"."""
+    device: _builtins.str
+    """The device that ran it, e.g. "cpu" or "cuda:0"."""
+    torch_version: _builtins.str
+    """The torch version of the server."""
+    captum_version: _builtins.str
+    """The captum version of the server."""
+    replica: _builtins.str
+    """The replica that served the call: "<host>:<pid>"."""
+    tensor_count: _builtins.int
+    """Number of tensors sent; equals the header's count."""
+    seed: _builtins.int
+    """The noise seed used (smoothgrad); 0 for other methods."""
+    internal_batch_size: _builtins.int
+    """The rows per forward pass used for integration steps; 0 for other methods."""
+    compute_ms: _builtins.float
+    """Wall-clock time of the attribution itself, in milliseconds."""
+    total_ms: _builtins.float
+    """From request arrival until the result was ready to send, in milliseconds."""
+    def __init__(
+        self,
+        *,
+        model_digest: _builtins.str = ...,
+        device: _builtins.str = ...,
+        torch_version: _builtins.str = ...,
+        captum_version: _builtins.str = ...,
+        replica: _builtins.str = ...,
+        tensor_count: _builtins.int = ...,
+        seed: _builtins.int = ...,
+        internal_batch_size: _builtins.int = ...,
+        compute_ms: _builtins.float = ...,
+        total_ms: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["captum_version", b"captum_version", "compute_ms", b"compute_ms", "device", b"device", "internal_batch_size", b"internal_batch_size", "model_digest", b"model_digest", "replica", b"replica", "seed", b"seed", "tensor_count", b"tensor_count", "torch_version", b"torch_version", "total_ms", b"total_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AttributeSummary: _TypeAlias = AttributeSummary  # noqa: Y015
+
+@_typing.final
+class AttributeResponse(_message.Message):
+    """One message of an Attribute stream: header, chunks and summary, in that order across
+    the stream, exactly as in AnalyzeResponse.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    CHUNKS_FIELD_NUMBER: _builtins.int
+    SUMMARY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def header(self) -> Global___AnalyzeHeader:
+        """Present in the first message only."""
+
+    @_builtins.property
+    def chunks(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorChunk]:
+        """Tensor bytes, in header order."""
+
+    @_builtins.property
+    def summary(self) -> Global___AttributeSummary:
+        """Present in the last message only."""
+
+    def __init__(
+        self,
+        *,
+        header: Global___AnalyzeHeader | None = ...,
+        chunks: _abc.Iterable[Global___TensorChunk] | None = ...,
+        summary: Global___AttributeSummary | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "summary", b"summary"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks", b"chunks", "header", b"header", "summary", b"summary"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AttributeResponse: _TypeAlias = AttributeResponse  # noqa: Y015
+
+@_typing.final
+class PerturbRequest(_message.Message):
+    """Perturbs the model's floating-point input to raise (or lower) an objective."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    INPUTS_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    OBJECTIVE_FIELD_NUMBER: _builtins.int
+    EPSILON_FIELD_NUMBER: _builtins.int
+    STEP_SIZE_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    NORM_FIELD_NUMBER: _builtins.int
+    TARGETED_FIELD_NUMBER: _builtins.int
+    LOWER_BOUND_FIELD_NUMBER: _builtins.int
+    UPPER_BOUND_FIELD_NUMBER: _builtins.int
+    RANDOM_START_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    MASK_FIELD_NUMBER: _builtins.int
+    ZERO_THRESHOLD_FIELD_NUMBER: _builtins.int
+    method: Global___PerturbMethod.ValueType
+    """FGSM or PGD."""
+    epsilon: _builtins.float
+    """FGSM: the step size. PGD: the radius of the ball around the input. At least 0."""
+    step_size: _builtins.float
+    """PGD: the size of each step, at least 0. Must be 0 for FGSM."""
+    steps: _builtins.int
+    """PGD: the number of steps, 1 to 1000. FGSM takes one step; 0 or 1 there."""
+    norm: Global___PerturbNorm.ValueType
+    """PGD: the norm of the ball; Linf by default."""
+    targeted: _builtins.bool
+    """False (untargeted): ascend the objective. True (targeted): descend it."""
+    lower_bound: _builtins.float
+    """Lower bound of the perturbed input's values; unbounded when unset."""
+    upper_bound: _builtins.float
+    """Upper bound of the perturbed input's values; unbounded when unset."""
+    random_start: _builtins.bool
+    """PGD: start from a uniform random point of the ball (Captum's random_start)."""
+    seed: _builtins.int
+    """Seed of the random start. Unset draws a fresh seed, reported in the summary."""
+    zero_threshold: _builtins.float
+    """Gradient elements with an absolute value at or below this do not move (Captum's
+    FGSM.zero_thresh). Default 1e-6, as Captum; 0 moves along every non-zero gradient.
+    """
+    @_builtins.property
+    def model(self) -> Global___Model:
+        """The model to run."""
+
+    @_builtins.property
+    def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tensor]:
+        """The model's positional inputs. The one floating-point input is perturbed; other inputs
+        are held fixed.
+        """
+
+    @_builtins.property
+    def objective(self) -> Global___Objective:
+        """The loss each step follows; it may sit on an intermediate node."""
+
+    @_builtins.property
+    def mask(self) -> Global___Tensor:
+        """Optional 0/1 tensor of the input's shape: which elements may move (Captum's mask)."""
+
+    def __init__(
+        self,
+        *,
+        model: Global___Model | None = ...,
+        inputs: _abc.Iterable[Global___Tensor] | None = ...,
+        method: Global___PerturbMethod.ValueType = ...,
+        objective: Global___Objective | None = ...,
+        epsilon: _builtins.float = ...,
+        step_size: _builtins.float = ...,
+        steps: _builtins.int = ...,
+        norm: Global___PerturbNorm.ValueType = ...,
+        targeted: _builtins.bool = ...,
+        lower_bound: _builtins.float | None = ...,
+        upper_bound: _builtins.float | None = ...,
+        random_start: _builtins.bool = ...,
+        seed: _builtins.int | None = ...,
+        mask: Global___Tensor | None = ...,
+        zero_threshold: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_lower_bound", b"_lower_bound", "_seed", b"_seed", "_upper_bound", b"_upper_bound", "_zero_threshold", b"_zero_threshold", "lower_bound", b"lower_bound", "mask", b"mask", "model", b"model", "objective", b"objective", "seed", b"seed", "upper_bound", b"upper_bound", "zero_threshold", b"zero_threshold"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_lower_bound", b"_lower_bound", "_seed", b"_seed", "_upper_bound", b"_upper_bound", "_zero_threshold", b"_zero_threshold", "epsilon", b"epsilon", "inputs", b"inputs", "lower_bound", b"lower_bound", "mask", b"mask", "method", b"method", "model", b"model", "norm", b"norm", "objective", b"objective", "random_start", b"random_start", "seed", b"seed", "step_size", b"step_size", "steps", b"steps", "targeted", b"targeted", "upper_bound", b"upper_bound", "zero_threshold", b"zero_threshold"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__lower_bound: _TypeAlias = _typing.Literal["lower_bound"]  # noqa: Y015
+    _WhichOneofArgType__lower_bound: _TypeAlias = _typing.Literal["_lower_bound", b"_lower_bound"]  # noqa: Y015
+    _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
+    _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
+    _WhichOneofReturnType__upper_bound: _TypeAlias = _typing.Literal["upper_bound"]  # noqa: Y015
+    _WhichOneofArgType__upper_bound: _TypeAlias = _typing.Literal["_upper_bound", b"_upper_bound"]  # noqa: Y015
+    _WhichOneofReturnType__zero_threshold: _TypeAlias = _typing.Literal["zero_threshold"]  # noqa: Y015
+    _WhichOneofArgType__zero_threshold: _TypeAlias = _typing.Literal["_zero_threshold", b"_zero_threshold"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__lower_bound) -> _WhichOneofReturnType__lower_bound | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__upper_bound) -> _WhichOneofReturnType__upper_bound | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__zero_threshold) -> _WhichOneofReturnType__zero_threshold | None: ...
+
+Global___PerturbRequest: _TypeAlias = PerturbRequest  # noqa: Y015
+
+@_typing.final
+class PerturbProgress(_message.Message):
+    """One step of a Perturb loop, sent while the loop runs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_FIELD_NUMBER: _builtins.int
+    LOSS_FIELD_NUMBER: _builtins.int
+    step: _builtins.int
+    """The step, counted from 0."""
+    loss: _builtins.float
+    """The objective at the point this step started from."""
+    def __init__(
+        self,
+        *,
+        step: _builtins.int = ...,
+        loss: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["loss", b"loss", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PerturbProgress: _TypeAlias = PerturbProgress  # noqa: Y015
+
+@_typing.final
+class PerturbSummary(_message.Message):
+    """The last part of a Perturb stream. Its arrival means the result is complete."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OBJECTIVE_BEFORE_FIELD_NUMBER: _builtins.int
+    OBJECTIVE_AFTER_FIELD_NUMBER: _builtins.int
+    LOSSES_FIELD_NUMBER: _builtins.int
+    MODEL_DIGEST_FIELD_NUMBER: _builtins.int
+    DEVICE_FIELD_NUMBER: _builtins.int
+    TORCH_VERSION_FIELD_NUMBER: _builtins.int
+    REPLICA_FIELD_NUMBER: _builtins.int
+    TENSOR_COUNT_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    TOTAL_MS_FIELD_NUMBER: _builtins.int
+    objective_before: _builtins.float
+    """The objective at the unperturbed input."""
+    objective_after: _builtins.float
+    """The objective at the perturbed input."""
+    model_digest: _builtins.str
+    """The digest of the model that ran: "sha256:<hex>"."""
+    device: _builtins.str
+    """The device that ran it, e.g. "cpu" or "cuda:0"."""
+    torch_version: _builtins.str
+    """The torch version of the server."""
+    replica: _builtins.str
+    """The replica that served the call: "<host>:<pid>"."""
+    tensor_count: _builtins.int
+    """Number of tensors sent; equals the header's count."""
+    seed: _builtins.int
+    """The seed of the random start; 0 without one."""
+    total_ms: _builtins.float
+    """From request arrival until the result was ready to send, in milliseconds."""
+    @_builtins.property
+    def losses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """The objective at the start of every step, in order; the same values the progress
+        messages carried.
+        """
+
+    def __init__(
+        self,
+        *,
+        objective_before: _builtins.float = ...,
+        objective_after: _builtins.float = ...,
+        losses: _abc.Iterable[_builtins.float] | None = ...,
+        model_digest: _builtins.str = ...,
+        device: _builtins.str = ...,
+        torch_version: _builtins.str = ...,
+        replica: _builtins.str = ...,
+        tensor_count: _builtins.int = ...,
+        seed: _builtins.int = ...,
+        total_ms: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "losses", b"losses", "model_digest", b"model_digest", "objective_after", b"objective_after", "objective_before", b"objective_before", "replica", b"replica", "seed", b"seed", "tensor_count", b"tensor_count", "torch_version", b"torch_version", "total_ms", b"total_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PerturbSummary: _TypeAlias = PerturbSummary  # noqa: Y015
+
+@_typing.final
+class PerturbResponse(_message.Message):
+    """One message of a Perturb stream. Progress messages come first, one per step; then the
+    result: header, chunks and summary, in that order across the stream, as in
+    AnalyzeResponse. A message carries progress or result parts, never both.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    HEADER_FIELD_NUMBER: _builtins.int
+    CHUNKS_FIELD_NUMBER: _builtins.int
+    SUMMARY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def progress(self) -> Global___PerturbProgress:
+        """One step's loss, while the loop runs."""
+
+    @_builtins.property
+    def header(self) -> Global___AnalyzeHeader:
+        """Present in the first result message only."""
+
+    @_builtins.property
+    def chunks(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorChunk]:
+        """Tensor bytes, in header order."""
+
+    @_builtins.property
+    def summary(self) -> Global___PerturbSummary:
+        """Present in the last message only."""
+
+    def __init__(
+        self,
+        *,
+        progress: Global___PerturbProgress | None = ...,
+        header: Global___AnalyzeHeader | None = ...,
+        chunks: _abc.Iterable[Global___TensorChunk] | None = ...,
+        summary: Global___PerturbSummary | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "progress", b"progress", "summary", b"summary"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks", b"chunks", "header", b"header", "progress", b"progress", "summary", b"summary"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PerturbResponse: _TypeAlias = PerturbResponse  # noqa: Y015
+
+@_typing.final
+class AnalyzeManyOptions(_message.Message):
+    """Settings of an AnalyzeMany stream, read from its first message."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGGREGATE_FIELD_NUMBER: _builtins.int
+    OMIT_ITEMS_FIELD_NUMBER: _builtins.int
+    aggregate: _builtins.bool
+    """Keep a running aggregate of every target's gradient on the server and send it after
+    the last item (TENSOR_ROLE_MEAN_GRADIENT, TENSOR_ROLE_MEAN_ABS_GRADIENT). Every item
+    must then name the same targets, without reductions, at nodes of equal shape.
+    """
+    omit_items: _builtins.bool
+    """Send each item's summary only, without its tensors (an empty header): for jobs that
+    want the aggregate alone.
+    """
+    def __init__(
+        self,
+        *,
+        aggregate: _builtins.bool = ...,
+        omit_items: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregate", b"aggregate", "omit_items", b"omit_items"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AnalyzeManyOptions: _TypeAlias = AnalyzeManyOptions  # noqa: Y015
+
+@_typing.final
+class AnalyzeManyRequest(_message.Message):
+    """One message of an AnalyzeMany stream: one item."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEM_FIELD_NUMBER: _builtins.int
+    OPTIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def item(self) -> Global___AnalyzeRequest:
+        """The item's analysis. Every item of a stream must name the same model."""
+
+    @_builtins.property
+    def options(self) -> Global___AnalyzeManyOptions:
+        """The stream's settings; read from the first message only."""
+
+    def __init__(
+        self,
+        *,
+        item: Global___AnalyzeRequest | None = ...,
+        options: Global___AnalyzeManyOptions | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["item", b"item", "options", b"options"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["item", b"item", "options", b"options"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AnalyzeManyRequest: _TypeAlias = AnalyzeManyRequest  # noqa: Y015
+
+@_typing.final
+class AggregateInfo(_message.Message):
+    """What an AnalyzeMany aggregate averages over."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEMS_FIELD_NUMBER: _builtins.int
+    ROWS_FIELD_NUMBER: _builtins.int
+    items: _builtins.int
+    """Items analyzed."""
+    rows: _builtins.int
+    """Batch rows (dimension 0 of the inputs) over all items."""
+    def __init__(
+        self,
+        *,
+        items: _builtins.int = ...,
+        rows: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items", "rows", b"rows"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AggregateInfo: _TypeAlias = AggregateInfo  # noqa: Y015
+
+@_typing.final
+class AnalyzeManyResponse(_message.Message):
+    """One message of an AnalyzeMany stream. Each item's messages are contiguous and framed
+    like an Analyze stream: header, chunks, summary. Items come back in request order.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    HEADER_FIELD_NUMBER: _builtins.int
+    CHUNKS_FIELD_NUMBER: _builtins.int
+    SUMMARY_FIELD_NUMBER: _builtins.int
+    AGGREGATE_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """The item's position in the request stream (for the aggregate: the number of items).
+    Set on the messages holding a header or a summary; a message holding chunks only
+    belongs to the item whose header came last.
+    """
+    @_builtins.property
+    def header(self) -> Global___AnalyzeHeader:
+        """The item's (or the aggregate's) header."""
+
+    @_builtins.property
+    def chunks(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorChunk]:
+        """Tensor bytes, in header order."""
+
+    @_builtins.property
+    def summary(self) -> Global___AnalyzeSummary:
+        """The item's (or the aggregate's) summary; its loss is the mean over items for the
+        aggregate.
+        """
+
+    @_builtins.property
+    def aggregate(self) -> Global___AggregateInfo:
+        """Set, next to the header, on the first message of the aggregate that follows the last
+        item; the messages up to the next summary are the aggregate.
+        """
+
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        header: Global___AnalyzeHeader | None = ...,
+        chunks: _abc.Iterable[Global___TensorChunk] | None = ...,
+        summary: Global___AnalyzeSummary | None = ...,
+        aggregate: Global___AggregateInfo | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["aggregate", b"aggregate", "header", b"header", "summary", b"summary"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregate", b"aggregate", "chunks", b"chunks", "header", b"header", "index", b"index", "summary", b"summary"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AnalyzeManyResponse: _TypeAlias = AnalyzeManyResponse  # noqa: Y015

@@ -50,6 +50,21 @@ class GradientServiceStub:
                 request_serializer=gradtap_dot_v1_dot_gradtap__pb2.AnalyzeRequest.SerializeToString,
                 response_deserializer=gradtap_dot_v1_dot_gradtap__pb2.AnalyzeResponse.FromString,
                 _registered_method=True)
+        self.Attribute = channel.unary_stream(
+                '/gradtap.v1.GradientService/Attribute',
+                request_serializer=gradtap_dot_v1_dot_gradtap__pb2.AttributeRequest.SerializeToString,
+                response_deserializer=gradtap_dot_v1_dot_gradtap__pb2.AttributeResponse.FromString,
+                _registered_method=True)
+        self.Perturb = channel.unary_stream(
+                '/gradtap.v1.GradientService/Perturb',
+                request_serializer=gradtap_dot_v1_dot_gradtap__pb2.PerturbRequest.SerializeToString,
+                response_deserializer=gradtap_dot_v1_dot_gradtap__pb2.PerturbResponse.FromString,
+                _registered_method=True)
+        self.AnalyzeMany = channel.stream_stream(
+                '/gradtap.v1.GradientService/AnalyzeMany',
+                request_serializer=gradtap_dot_v1_dot_gradtap__pb2.AnalyzeManyRequest.SerializeToString,
+                response_deserializer=gradtap_dot_v1_dot_gradtap__pb2.AnalyzeManyResponse.FromString,
+                _registered_method=True)
 
 
 class GradientServiceServicer:
@@ -81,6 +96,33 @@ class GradientServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Attribute(self, request, context):
+        """Attributes a model output to its input, or to a layer, with one of Captum's methods.
+
+        The stream is framed like Analyze's: a header, chunks, then a summary.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Perturb(self, request, context):
+        """Runs an adversarial loop (FGSM or PGD) on the server: one progress message per step
+        while it runs, then the perturbed input framed like Analyze's result.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AnalyzeMany(self, request_iterator, context):
+        """Analyzes many inputs over one stream: each request message is one item, and each
+        item's result comes back framed like Analyze's, tagged with the item's position, in
+        request order. After the last item the server may send a running aggregate over all
+        of them. A failed item ends the stream with its status; see docs/batch-jobs.md.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GradientServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -98,6 +140,21 @@ def add_GradientServiceServicer_to_server(servicer, server):
                     servicer.Analyze,
                     request_deserializer=gradtap_dot_v1_dot_gradtap__pb2.AnalyzeRequest.FromString,
                     response_serializer=gradtap_dot_v1_dot_gradtap__pb2.AnalyzeResponse.SerializeToString,
+            ),
+            'Attribute': grpc.unary_stream_rpc_method_handler(
+                    servicer.Attribute,
+                    request_deserializer=gradtap_dot_v1_dot_gradtap__pb2.AttributeRequest.FromString,
+                    response_serializer=gradtap_dot_v1_dot_gradtap__pb2.AttributeResponse.SerializeToString,
+            ),
+            'Perturb': grpc.unary_stream_rpc_method_handler(
+                    servicer.Perturb,
+                    request_deserializer=gradtap_dot_v1_dot_gradtap__pb2.PerturbRequest.FromString,
+                    response_serializer=gradtap_dot_v1_dot_gradtap__pb2.PerturbResponse.SerializeToString,
+            ),
+            'AnalyzeMany': grpc.stream_stream_rpc_method_handler(
+                    servicer.AnalyzeMany,
+                    request_deserializer=gradtap_dot_v1_dot_gradtap__pb2.AnalyzeManyRequest.FromString,
+                    response_serializer=gradtap_dot_v1_dot_gradtap__pb2.AnalyzeManyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -182,6 +239,87 @@ class GradientService:
             '/gradtap.v1.GradientService/Analyze',
             gradtap_dot_v1_dot_gradtap__pb2.AnalyzeRequest.SerializeToString,
             gradtap_dot_v1_dot_gradtap__pb2.AnalyzeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Attribute(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/gradtap.v1.GradientService/Attribute',
+            gradtap_dot_v1_dot_gradtap__pb2.AttributeRequest.SerializeToString,
+            gradtap_dot_v1_dot_gradtap__pb2.AttributeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Perturb(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/gradtap.v1.GradientService/Perturb',
+            gradtap_dot_v1_dot_gradtap__pb2.PerturbRequest.SerializeToString,
+            gradtap_dot_v1_dot_gradtap__pb2.PerturbResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AnalyzeMany(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/gradtap.v1.GradientService/AnalyzeMany',
+            gradtap_dot_v1_dot_gradtap__pb2.AnalyzeManyRequest.SerializeToString,
+            gradtap_dot_v1_dot_gradtap__pb2.AnalyzeManyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -49,6 +49,21 @@ class GradientServiceStub:
     message with the summary. A small result may arrive as a single message holding all
     three. A stream that ends without a summary is incomplete and must be discarded.
     """
+    Attribute: _grpc.UnaryStreamMultiCallable[_gradtap_pb2.AttributeRequest, _gradtap_pb2.AttributeResponse]
+    """Attributes a model output to its input, or to a layer, with one of Captum's methods.
+
+    The stream is framed like Analyze's: a header, chunks, then a summary.
+    """
+    Perturb: _grpc.UnaryStreamMultiCallable[_gradtap_pb2.PerturbRequest, _gradtap_pb2.PerturbResponse]
+    """Runs an adversarial loop (FGSM or PGD) on the server: one progress message per step
+    while it runs, then the perturbed input framed like Analyze's result.
+    """
+    AnalyzeMany: _grpc.StreamStreamMultiCallable[_gradtap_pb2.AnalyzeManyRequest, _gradtap_pb2.AnalyzeManyResponse]
+    """Analyzes many inputs over one stream: each request message is one item, and each
+    item's result comes back framed like Analyze's, tagged with the item's position, in
+    request order. After the last item the server may send a running aggregate over all
+    of them. A failed item ends the stream with its status; see docs/batch-jobs.md.
+    """
 
 @_typing.type_check_only
 class GradientServiceAsyncStub(GradientServiceStub):
@@ -65,6 +80,21 @@ class GradientServiceAsyncStub(GradientServiceStub):
     The stream is: one message with a header, then messages with chunks, then one
     message with the summary. A small result may arrive as a single message holding all
     three. A stream that ends without a summary is incomplete and must be discarded.
+    """
+    Attribute: _aio.UnaryStreamMultiCallable[_gradtap_pb2.AttributeRequest, _gradtap_pb2.AttributeResponse]  # type: ignore[assignment]
+    """Attributes a model output to its input, or to a layer, with one of Captum's methods.
+
+    The stream is framed like Analyze's: a header, chunks, then a summary.
+    """
+    Perturb: _aio.UnaryStreamMultiCallable[_gradtap_pb2.PerturbRequest, _gradtap_pb2.PerturbResponse]  # type: ignore[assignment]
+    """Runs an adversarial loop (FGSM or PGD) on the server: one progress message per step
+    while it runs, then the perturbed input framed like Analyze's result.
+    """
+    AnalyzeMany: _aio.StreamStreamMultiCallable[_gradtap_pb2.AnalyzeManyRequest, _gradtap_pb2.AnalyzeManyResponse]  # type: ignore[assignment]
+    """Analyzes many inputs over one stream: each request message is one item, and each
+    item's result comes back framed like Analyze's, tagged with the item's position, in
+    request order. After the last item the server may send a running aggregate over all
+    of them. A failed item ends the stream with its status; see docs/batch-jobs.md.
     """
 
 class GradientServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -97,6 +127,39 @@ class GradientServiceServicer(metaclass=_abc_1.ABCMeta):
         The stream is: one message with a header, then messages with chunks, then one
         message with the summary. A small result may arrive as a single message holding all
         three. A stream that ends without a summary is incomplete and must be discarded.
+        """
+
+    @_abc_1.abstractmethod
+    def Attribute(
+        self,
+        request: _gradtap_pb2.AttributeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_gradtap_pb2.AttributeResponse], _abc.AsyncIterator[_gradtap_pb2.AttributeResponse]]:
+        """Attributes a model output to its input, or to a layer, with one of Captum's methods.
+
+        The stream is framed like Analyze's: a header, chunks, then a summary.
+        """
+
+    @_abc_1.abstractmethod
+    def Perturb(
+        self,
+        request: _gradtap_pb2.PerturbRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_gradtap_pb2.PerturbResponse], _abc.AsyncIterator[_gradtap_pb2.PerturbResponse]]:
+        """Runs an adversarial loop (FGSM or PGD) on the server: one progress message per step
+        while it runs, then the perturbed input framed like Analyze's result.
+        """
+
+    @_abc_1.abstractmethod
+    def AnalyzeMany(
+        self,
+        request_iterator: _MaybeAsyncIterator[_gradtap_pb2.AnalyzeManyRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_gradtap_pb2.AnalyzeManyResponse], _abc.AsyncIterator[_gradtap_pb2.AnalyzeManyResponse]]:
+        """Analyzes many inputs over one stream: each request message is one item, and each
+        item's result comes back framed like Analyze's, tagged with the item's position, in
+        request order. After the last item the server may send a running aggregate over all
+        of them. A failed item ends the stream with its status; see docs/batch-jobs.md.
         """
 
 def add_GradientServiceServicer_to_server(servicer: GradientServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

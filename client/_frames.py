@@ -1,0 +1,83 @@
+"""Reassembling tensors framed as header, chunks and summary (Attribute and Perturb streams)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import grpc
+import numpy as np
+
+from gradtap.v1 import gradtap_pb2 as pb
+
+from ._errors import GradtapError
+from ._tensor import NUMPY_DTYPES
+
+
+def broken(message: str) -> GradtapError:
+    """The error for a stream that breaks the framing rules."""
+    return GradtapError(grpc.StatusCode.DATA_LOSS, message)
+
+
+class Frames:
+    """Copies each chunk straight into its preallocated array, checking order and sizes.
+
+    `finish` accepts only a complete set: every byte of every announced tensor.
+    """
+
+    def __init__(self) -> None:
+        self.headers: list[pb.TensorHeader] | None = None
+        self.arrays: list[np.ndarray] = []
+        self._bytes: list[np.ndarray] = []
+        self._filled: list[int] = []
+        self.finished = False
+        self.received = 0
+
+    def feed(self, header: pb.AnalyzeHeader | None, chunks: Iterable[pb.TensorChunk]) -> None:
+        """One message's header (None when it has none) and chunks, in stream order."""
+        if self.finished:
+            raise broken("the stream went on after its summary")
+        if header is not None:
+            if self.headers is not None:
+                raise broken("the stream sent a second header")
+            self._allocate(list(header.tensors))
+        for chunk in chunks:
+            if self.headers is None:
+                raise broken("the stream sent tensor bytes before its header")
+            self._copy(chunk)
+
+    def finish(self, tensor_count: int) -> None:
+        """The summary arrived: checks that every announced tensor is complete."""
+        if self.headers is None:
+            raise broken("the stream sent its summary before a header")
+        if tensor_count != len(self.headers):
+            raise broken("the summary's tensor count does not match the header")
+        for i, (filled, raw) in enumerate(zip(self._filled, self._bytes)):
+            if filled != raw.size:
+                raise broken(f"tensor {i} is incomplete: {filled} of {raw.size} bytes")
+        self.finished = True
+
+    def _allocate(self, headers: list[pb.TensorHeader]) -> None:
+        for i, h in enumerate(headers):
+            dtype = NUMPY_DTYPES.get(h.dtype)
+            shape = tuple(h.shape)
+            if h.id != i or dtype is None or any(d < 0 for d in shape):
+                raise broken(f"tensor header {i} is malformed")
+            if math.prod(shape) * dtype.itemsize != h.byte_size:
+                raise broken(f"tensor header {i}: byte_size does not match shape and dtype")
+            array = np.empty(shape, dtype=dtype)
+            self.arrays.append(array)
+            self._bytes.append(array.reshape(-1).view(np.uint8))
+            self._filled.append(0)
+        self.headers = headers
+
+    def _copy(self, chunk: pb.TensorChunk) -> None:
+        if chunk.tensor_id >= len(self._bytes):
+            raise broken(f"a chunk names unknown tensor {chunk.tensor_id}")
+        target = self._bytes[chunk.tensor_id]
+        start, size = chunk.offset, len(chunk.data)
+        if start != self._filled[chunk.tensor_id] or start + size > target.size:
+            raise broken(f"tensor {chunk.tensor_id}: chunk at offset {start} is out of order")
+        target[start : start + size] = np.frombuffer(chunk.data, dtype=np.uint8)
+        self._filled[chunk.tensor_id] = start + size
+        self.received += size

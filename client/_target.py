@@ -1,0 +1,165 @@
+"""Targets: a node to capture, optionally reduced on the server so that less crosses the wire."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from gradtap.v1 import gradtap_pb2 as pb
+
+from ._tensor import DTYPE_NAMES
+
+if TYPE_CHECKING:
+    from ._result import Result
+
+REDUCES: dict[str, pb.Reduce.ValueType] = {
+    "sum": pb.REDUCE_SUM,
+    "mean": pb.REDUCE_MEAN,
+    "abs_mean": pb.REDUCE_ABS_MEAN,
+    "norm": pb.REDUCE_NORM,
+    "max": pb.REDUCE_MAX,
+}
+"""The reductions, by the name Target takes."""
+
+TRANSFER_DTYPES: dict[str, pb.DType.ValueType] = {
+    "float32": pb.DTYPE_FLOAT32,
+    "float16": pb.DTYPE_FLOAT16,
+    "bfloat16": pb.DTYPE_BFLOAT16,
+}
+"""The dtypes a target's tensors may travel in."""
+
+CAPTURES: dict[str, pb.Capture.ValueType] = {
+    "gradient": pb.CAPTURE_GRADIENT,
+    "activation": pb.CAPTURE_ACTIVATION,
+    "both": pb.CAPTURE_GRADIENT_AND_ACTIVATION,
+}
+"""What a Target may capture, by name."""
+
+_REDUCE_NAMES = {code: name for name, code in REDUCES.items()}
+
+
+@dataclass(frozen=True)
+class Target:
+    """A graph node or module path to capture, optionally reduced on the server.
+
+    The reduction runs on the server's device before anything is copied or sent, and
+    applies to the target's gradient and to its activation alike.
+
+    Args:
+        name: a graph-node name or module path, as DescribeModel lists them; results are
+            keyed by it.
+        reduce: None (send the tensor whole), "sum", "mean", "abs_mean" (mean of absolute
+            values), "norm" (L2) or "max", taken over `dims`.
+        dims: the dimensions to reduce; negative values count from the end, as in numpy.
+            Default: every dimension except the batch dimension 0, one value per row.
+            (2, 3) over an (N, C, H, W) map gives per-channel values (Grad-CAM weights).
+        topk: keep only the k entries of largest magnitude (values keep their sign), sorted
+            by decreasing magnitude: per batch row while dimension 0 survives the reduction,
+            else over the whole reduced tensor. Their flat row-major positions arrive in
+            `Result.topk_indices[name]`. With both gradient and activation captured, the
+            positions are the gradient's and the activation is taken at the same positions.
+        dtype: the transfer dtype, "float32", "float16" or "bfloat16"; cast on the server
+            after the reduction. bfloat16 arrives as an ml_dtypes.bfloat16 array.
+        as_float32: convert the received arrays to float32 (e.g. for bfloat16 transfers).
+        capture: "gradient", "activation" or "both"; by default what the call asks for
+            (the gradient, and the activation with activations=True). A name may appear
+            twice with different captures, e.g. a reduced gradient and a whole activation.
+    """
+
+    name: str
+    reduce: str | None = None
+    dims: Sequence[int] | None = None
+    topk: int | None = None
+    dtype: str | None = None
+    as_float32: bool = False
+    capture: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError("a target needs a name, e.g. Target('relu_1')")
+        if self.reduce is not None and self.reduce not in REDUCES:
+            raise ValueError(f"reduce must be None or one of {', '.join(REDUCES)}")
+        if self.dims is not None:
+            dims = tuple(int(d) for d in np.atleast_1d(np.asarray(self.dims, dtype=np.int64)))
+            if self.reduce is None:
+                raise ValueError("dims needs a reduce, e.g. Target(name, 'abs_mean', dims=(2, 3))")
+            if not dims:
+                raise ValueError("dims=() reduces nothing; leave dims out for all but dim 0")
+            object.__setattr__(self, "dims", dims)
+        if self.topk is not None and (int(self.topk) != self.topk or self.topk < 1):
+            raise ValueError("topk must be a positive integer")
+        if self.dtype is not None and self.dtype not in TRANSFER_DTYPES:
+            raise ValueError(f"dtype must be None or one of {', '.join(TRANSFER_DTYPES)}")
+        if self.capture is not None and self.capture not in CAPTURES:
+            raise ValueError(f"capture must be None or one of {', '.join(CAPTURES)}")
+
+    def message(self, capture: pb.Capture.ValueType) -> pb.TargetLayer:
+        """The wire form of this target, capturing `capture`."""
+        if self.capture is not None:
+            capture = CAPTURES[self.capture]
+        layer = pb.TargetLayer(name=self.name, capture=capture)
+        if self.reduce is not None or self.topk:
+            layer.reduction.reduce = REDUCES[self.reduce] if self.reduce else pb.REDUCE_UNSPECIFIED
+            layer.reduction.dims.extend(self.dims or ())
+            layer.reduction.topk = int(self.topk or 0)
+        if self.dtype is not None:
+            layer.dtype = TRANSFER_DTYPES[self.dtype]
+        return layer
+
+
+TargetLike = str | Target
+"""A target name, or a Target with a reduction."""
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """What the server did to a target's tensors before sending them.
+
+    Attributes:
+        reduce: the reduction over dims, or None.
+        dims: the dimensions reduced, non-negative and sorted (the default filled in).
+        topk: how many entries were kept, or None.
+        dtype: the dtype the tensors travelled in.
+        reduced_shape: the shape after reducing dims and before taking the topk; topk
+            indices are flat positions in its dimensions after the first (per row) or in
+            all of it (when dims included 0): np.unravel_index(i, reduced_shape[1:]).
+    """
+
+    reduce: str | None
+    dims: tuple[int, ...]
+    topk: int | None
+    dtype: str
+    reduced_shape: tuple[int, ...]
+
+
+def target_message(target: TargetLike, capture: pb.Capture.ValueType) -> pb.TargetLayer:
+    """The wire form of a target name or Target."""
+    if isinstance(target, Target):
+        return target.message(capture)
+    return pb.TargetLayer(name=str(target), capture=capture)
+
+
+def reduction(header: pb.TensorHeader) -> Reduction:
+    """The Reduction a tensor header records."""
+    r = header.reduction
+    return Reduction(
+        reduce=_REDUCE_NAMES.get(r.reduce),
+        dims=tuple(r.dims),
+        topk=r.topk or None,
+        dtype=DTYPE_NAMES.get(header.dtype, "unknown"),
+        reduced_shape=tuple(header.reduced_shape),
+    )
+
+
+def as_float32(result: Result, targets: Sequence[TargetLike]) -> Result:
+    """Converts, in place, the arrays of targets that asked for float32 on arrival."""
+    for t in targets:
+        if isinstance(t, Target) and t.as_float32:
+            kinds = {"gradient": [result.gradients], "activation": [result.activations]}
+            for arrays in kinds.get(t.capture or "", [result.gradients, result.activations]):
+                if t.name in arrays:
+                    arrays[t.name] = arrays[t.name].astype(np.float32)
+    return result
