@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Protocol
 
 import grpc
 import numpy as np
@@ -12,6 +13,17 @@ from gradtap.v1 import gradtap_pb2 as pb
 
 from ._errors import GradtapError
 from ._tensor import NUMPY_DTYPES
+
+
+class Chunk(Protocol):
+    """A slice of one tensor's bytes: a TensorChunk, or a RawChunk decoded by hand."""
+
+    @property
+    def tensor_id(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def data(self) -> bytes | memoryview: ...
 
 
 def broken(message: str) -> GradtapError:
@@ -33,7 +45,7 @@ class Frames:
         self.finished = False
         self.received = 0
 
-    def feed(self, header: pb.AnalyzeHeader | None, chunks: Iterable[pb.TensorChunk]) -> None:
+    def feed(self, header: pb.AnalyzeHeader | None, chunks: Iterable[Chunk]) -> None:
         """One message's header (None when it has none) and chunks, in stream order."""
         if self.finished:
             raise broken("the stream went on after its summary")
@@ -71,7 +83,7 @@ class Frames:
             self._filled.append(0)
         self.headers = headers
 
-    def _copy(self, chunk: pb.TensorChunk) -> None:
+    def _copy(self, chunk: Chunk) -> None:
         if chunk.tensor_id >= len(self._bytes):
             raise broken(f"a chunk names unknown tensor {chunk.tensor_id}")
         target = self._bytes[chunk.tensor_id]

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
 import numpy as np
 
 from gradtap.v1 import gradtap_pb2 as pb
 
-from ._errors import GradtapError
+from ._frames import Frames, broken
 from ._target import Reduction, reduction
-from ._tensor import DTYPE_NAMES, NUMPY_DTYPES
+from ._tensor import DTYPE_NAMES
 
 
 @dataclass
@@ -134,12 +132,10 @@ def decode_response(data: bytes) -> pb.AnalyzeResponse | RawChunk:
     return _single_chunk(data, 0x12) or pb.AnalyzeResponse.FromString(data)
 
 
-def _broken(message: str) -> GradtapError:
-    return GradtapError(grpc.StatusCode.DATA_LOSS, message)
 
 
 class Assembler:
-    """Feeds stream messages in order; copies each chunk straight into its preallocated array.
+    """Feeds an Analyze stream's messages in order into preallocated arrays (via Frames).
 
     `result()` returns only a complete result: a header, every byte of every tensor, and
     the summary. Anything else raises GradtapError(DATA_LOSS).
@@ -147,69 +143,26 @@ class Assembler:
 
     def __init__(self, model: str) -> None:
         self._model = model
-        self._headers: list[pb.TensorHeader] | None = None
-        self._arrays: list[np.ndarray] = []
-        self._bytes: list[np.ndarray] = []
-        self._filled: list[int] = []
+        self._frames = Frames()
         self._summary: pb.AnalyzeSummary | None = None
-        self._received = 0
 
     def feed(self, message: pb.AnalyzeResponse | RawChunk) -> None:
-        if self._summary is not None:
-            raise _broken("the stream went on after its summary")
         if isinstance(message, RawChunk):
-            if self._headers is None:
-                raise _broken("the stream did not start with a header")
-            self._copy(message)
+            self._frames.feed(None, [message])
             return
-        if message.HasField("header"):
-            if self._headers is not None:
-                raise _broken("the stream sent a second header")
-            self._allocate(list(message.header.tensors))
-        elif self._headers is None:
-            raise _broken("the stream did not start with a header")
-        for chunk in message.chunks:
-            self._copy(chunk)
+        header = message.header if message.HasField("header") else None
+        if header is None and self._frames.headers is None:
+            raise broken("the stream did not start with a header")
+        self._frames.feed(header, message.chunks)
         if message.HasField("summary"):
-            self._finish(message.summary)
-
-    def _allocate(self, headers: list[pb.TensorHeader]) -> None:
-        for i, h in enumerate(headers):
-            dtype = NUMPY_DTYPES.get(h.dtype)
-            shape = tuple(h.shape)
-            if h.id != i or dtype is None or any(d < 0 for d in shape):
-                raise _broken(f"tensor header {i} is malformed")
-            if math.prod(shape) * dtype.itemsize != h.byte_size:
-                raise _broken(f"tensor header {i}: byte_size does not match shape and dtype")
-            array = np.empty(shape, dtype=dtype)
-            self._arrays.append(array)
-            self._bytes.append(array.reshape(-1).view(np.uint8))
-            self._filled.append(0)
-        self._headers = headers
-
-    def _copy(self, chunk: pb.TensorChunk | RawChunk) -> None:
-        if chunk.tensor_id >= len(self._bytes):
-            raise _broken(f"a chunk names unknown tensor {chunk.tensor_id}")
-        target = self._bytes[chunk.tensor_id]
-        start, size = chunk.offset, len(chunk.data)
-        if start != self._filled[chunk.tensor_id] or start + size > target.size:
-            raise _broken(f"tensor {chunk.tensor_id}: chunk at offset {start} is out of order")
-        target[start : start + size] = np.frombuffer(chunk.data, dtype=np.uint8)
-        self._filled[chunk.tensor_id] = start + size
-        self._received += size
-
-    def _finish(self, summary: pb.AnalyzeSummary) -> None:
-        if self._headers is None or summary.tensor_count != len(self._headers):
-            raise _broken("the summary's tensor count does not match the header")
-        for i, (filled, raw) in enumerate(zip(self._filled, self._bytes)):
-            if filled != raw.size:
-                raise _broken(f"tensor {i} is incomplete: {filled} of {raw.size} bytes")
-        self._summary = summary
+            self._frames.finish(message.summary.tensor_count)
+            self._summary = message.summary
 
     def result(self) -> Result:
         """The complete result; GradtapError(DATA_LOSS) if the stream was cut short."""
-        if self._summary is None or self._headers is None:
-            raise _broken("the stream ended before its summary; the result is incomplete")
+        headers = self._frames.headers
+        if self._summary is None or headers is None:
+            raise broken("the stream ended before its summary; the result is incomplete")
         s = self._summary
         result = Result(
             loss=s.loss,
@@ -228,11 +181,11 @@ class Assembler:
                     "collect_ms": s.timings.collect_ms,
                     "total_ms": s.timings.total_ms,
                 },
-                "bytes_received": self._received,
+                "bytes_received": self._frames.received,
             },
         )
         outputs: dict[int, np.ndarray] = {}
-        for h, array in zip(self._headers, self._arrays):
+        for h, array in zip(headers, self._frames.arrays):
             if h.role == pb.TENSOR_ROLE_GRADIENT:
                 result.gradients[h.name] = array
             elif h.role == pb.TENSOR_ROLE_ACTIVATION:
@@ -253,8 +206,8 @@ class Assembler:
     def tensors(self) -> list[tuple[pb.TensorHeader, np.ndarray]]:
         """Every tensor of the complete stream with its header, in header order."""
         self.result()
-        assert self._headers is not None
-        return list(zip(self._headers, self._arrays))
+        assert self._frames.headers is not None
+        return list(zip(self._frames.headers, self._frames.arrays))
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,8 @@ class Role(enum.Enum):
     TOPK_INDICES = "topk_indices"
     MEAN_GRADIENT = "mean_gradient"
     MEAN_ABS_GRADIENT = "mean_abs_gradient"
+    ATTRIBUTION = "attribution"
+    ADVERSARIAL = "adversarial"
 
 
 @dataclass(frozen=True)

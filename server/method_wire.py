@@ -9,19 +9,18 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
-from typing import TypeVar
+from collections.abc import Callable, Iterator
 
 import torch
 
 from gradtap.v1 import gradtap_pb2 as pb
 
+from . import wire
 from .adversarial import ZERO_THRESHOLD, Perturbation, Perturbed, Step
 from .attribution import CAPTUM_VERSION, Attributed, Attribution
-from .engine import Objective
+from .engine import Collected, Objective, Role
 from .errors import InvalidArgument
 from .models import Model
-from .wire import CHUNK_BYTES, WIRE_DTYPES
 
 TensorDecoder = Callable[[pb.Tensor, str], torch.Tensor]
 """Decodes a request tensor, naming its field in errors (GradientServicer._tensor)."""
@@ -120,94 +119,37 @@ def perturbation(
 
 # -- framing ----------------------------------------------------------------------------------
 
-Framed = TypeVar("Framed", pb.AttributeResponse, pb.PerturbResponse)
 
-
-def _header(role: pb.TensorRole.ValueType, index: int, t: torch.Tensor) -> pb.AnalyzeHeader:
-    size = t.numel() * t.element_size()
-    return pb.AnalyzeHeader(
-        tensors=[
-            pb.TensorHeader(
-                id=0,
-                role=role,
-                index=index,
-                dtype=WIRE_DTYPES[t.dtype],
-                shape=list(t.shape),
-                byte_size=size,
-            )
-        ],
-        total_bytes=size,
-    )
-
-
-def _chunk_groups(tensors: Sequence[torch.Tensor]) -> Iterator[list[pb.TensorChunk]]:
-    """The chunks of each stream message: at most CHUNK_BYTES of tensor bytes per message.
-
-    Yields at least one (possibly empty) group, so that the header and summary always
-    have a message to ride in.
-    """
-    group: list[pb.TensorChunk] = []
-    room = CHUNK_BYTES
-    for i, t in enumerate(tensors):
-        raw = t.reshape(-1).view(torch.uint8).numpy().data
-        offset = 0
-        while offset < len(raw):
-            if room == 0:
-                yield group
-                group, room = [], CHUNK_BYTES
-            n = min(room, len(raw) - offset)
-            group.append(
-                pb.TensorChunk(tensor_id=i, offset=offset, data=raw[offset : offset + n].tobytes())
-            )
-            offset += n
-            room -= n
-    yield group
-
-
-def _frames(
-    new: type[Framed],
-    header: pb.AnalyzeHeader,
-    tensor: torch.Tensor,
-    summary: Callable[[Framed], None],
-) -> Iterator[Framed]:
-    """The result's messages: header in the first, chunks in order, summary in the last."""
-    groups = _chunk_groups([tensor])
-    message = new(header=header, chunks=next(groups))
-    for group in groups:
-        yield message
-        message = new(chunks=group)
-    summary(message)
-    yield message
+def _single(role: Role, index: int, tensor: torch.Tensor) -> list[Collected]:
+    return [Collected(role, "", index, tensor)]
 
 
 def attribute_responses(
     outcome: Attributed, model: Model, replica: str, started: float
-) -> Iterator[pb.AttributeResponse]:
+) -> Iterator[pb.AttributeResponse | bytes]:
     """The Attribute stream for a finished attribution."""
 
-    def summary(message: pb.AttributeResponse) -> None:
-        message.summary.CopyFrom(
-            pb.AttributeSummary(
-                model_digest=model.digest,
-                device=outcome.device,
-                torch_version=torch.__version__,
-                captum_version=CAPTUM_VERSION,
-                replica=replica,
-                tensor_count=1,
-                seed=outcome.seed,
-                internal_batch_size=outcome.internal_batch_size,
-                compute_ms=outcome.compute_ms,
-                total_ms=(time.perf_counter() - started) * 1e3,
-            )
-        )
+    summary = pb.AttributeSummary(
+        model_digest=model.digest,
+        device=outcome.device,
+        torch_version=torch.__version__,
+        captum_version=CAPTUM_VERSION,
+        replica=replica,
+        tensor_count=1,
+        seed=outcome.seed,
+        internal_batch_size=outcome.internal_batch_size,
+        compute_ms=outcome.compute_ms,
+        total_ms=(time.perf_counter() - started) * 1e3,
+    )
 
-    header = _header(pb.TENSOR_ROLE_ATTRIBUTION, outcome.index, outcome.tensor)
-    yield from _frames(pb.AttributeResponse, header, outcome.tensor, summary)
+    tensors = _single(Role.ATTRIBUTION, outcome.index, outcome.tensor)
+    first = pb.AttributeResponse(header=wire.header(tensors))
+    yield from wire.frames(tensors, first, summary)
 
 
 def perturb_responses(
     events: Iterator[Step | Perturbed], model: Model, replica: str, started: float
-) -> Iterator[pb.PerturbResponse]:
+) -> Iterator[pb.PerturbResponse | bytes]:
     """The Perturb stream: a progress message per step as the loop runs, then the result."""
     for event in events:
         if isinstance(event, Step):
@@ -218,22 +160,20 @@ def perturb_responses(
 
 def _perturb_result(
     result: Perturbed, model: Model, replica: str, started: float
-) -> Iterator[pb.PerturbResponse]:
-    def summary(message: pb.PerturbResponse) -> None:
-        message.summary.CopyFrom(
-            pb.PerturbSummary(
-                objective_before=result.objective_before,
-                objective_after=result.objective_after,
-                losses=result.losses,
-                model_digest=model.digest,
-                device=result.device,
-                torch_version=torch.__version__,
-                replica=replica,
-                tensor_count=1,
-                seed=result.seed,
-                total_ms=(time.perf_counter() - started) * 1e3,
-            )
-        )
+) -> Iterator[pb.PerturbResponse | bytes]:
+    summary = pb.PerturbSummary(
+        objective_before=result.objective_before,
+        objective_after=result.objective_after,
+        losses=result.losses,
+        model_digest=model.digest,
+        device=result.device,
+        torch_version=torch.__version__,
+        replica=replica,
+        tensor_count=1,
+        seed=result.seed,
+        total_ms=(time.perf_counter() - started) * 1e3,
+    )
 
-    header = _header(pb.TENSOR_ROLE_ADVERSARIAL, result.index, result.adversarial)
-    yield from _frames(pb.PerturbResponse, header, result.adversarial, summary)
+    tensors = _single(Role.ADVERSARIAL, result.index, result.adversarial)
+    first = pb.PerturbResponse(header=wire.header(tensors))
+    yield from wire.frames(tensors, first, summary)

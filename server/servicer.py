@@ -417,7 +417,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
     @_status_mapped
     def Attribute(
         self, request: pb.AttributeRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.AttributeResponse]:
+    ) -> Iterator[Any]:  # messages, or pre-encoded chunk messages (bytes)
         started = time.perf_counter()
         model = self._model(request.model)
         attribution = method_wire.attribution(request, self._tensor)
@@ -429,7 +429,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
     @_status_mapped
     def Perturb(
         self, request: pb.PerturbRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.PerturbResponse]:
+    ) -> Iterator[Any]:  # messages, or pre-encoded chunk messages (bytes)
         started = time.perf_counter()
         model = self._model(request.model)
         objective = (

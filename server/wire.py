@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Iterator, Sequence
+from typing import TypeVar
 
 import torch
 from google.protobuf.message import Message
@@ -49,6 +50,8 @@ ROLES = {
     Role.TOPK_INDICES: pb.TENSOR_ROLE_TOPK_INDICES,
     Role.MEAN_GRADIENT: pb.TENSOR_ROLE_MEAN_GRADIENT,
     Role.MEAN_ABS_GRADIENT: pb.TENSOR_ROLE_MEAN_ABS_GRADIENT,
+    Role.ATTRIBUTION: pb.TENSOR_ROLE_ATTRIBUTION,
+    Role.ADVERSARIAL: pb.TENSOR_ROLE_ADVERSARIAL,
 }
 
 REDUCES: dict[pb.Reduce.ValueType, str] = {
@@ -203,19 +206,21 @@ def on_host(tensors: Sequence[torch.Tensor]) -> Iterator[torch.Tensor]:
             pending = following
 
 
-def frames(
-    tensors: Sequence[Collected], first: Message, summary: pb.AnalyzeSummary
-) -> Iterator[Message | bytes]:
+M = TypeVar("M", bound=Message)
+
+
+def frames(tensors: Sequence[Collected], first: M, summary: Message) -> Iterator[M | bytes]:
     """Packs the header, the tensors' bytes and the summary into messages of about 1 MiB.
 
     `first` is the stream's first message (holding the header); the message type needs
-    `chunks` (repeated TensorChunk) and `summary` fields. Small results travel as one
+    `chunks` (repeated TensorChunk) and `summary` fields, and `summary` is of the latter's
+    type (AnalyzeResponse, AttributeResponse, PerturbResponse, ...). Small results travel as one
     message; a big tensor goes out as pre-encoded messages of one 1 MiB chunk each. Each
     chunk names its tensor and offset.
     """
     kind = type(first)
     chunks_field = kind.DESCRIPTOR.fields_by_name["chunks"].number
-    message: Message | None = first
+    message: M | None = first
     room = CHUNK_BYTES
     for i, host in enumerate(on_host([c.tensor for c in tensors])):
         raw = host.reshape(-1).view(torch.uint8).numpy().data
