@@ -34,5 +34,9 @@ lint: install
 proto: install
 	$(BIN)/python scripts/gen_proto.py
 
+# The benchmarks (bench/): minutes; writes docs/performance.md and bench/results/bench.json.
+bench: install
+	$(BIN)/python -m bench --write-docs
+
 clean:
 	rm -rf $(VENV) tools/node_modules .pytest_cache .mypy_cache
