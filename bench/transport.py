@@ -85,6 +85,9 @@ def run(cfg: Config, address: str) -> Section:
                 },
                 rounds=cfg.repeats,
                 budget_s=cfg.budget_s,
+                # HTTP/2 flow-control windows grow over the first large transfers (BDP
+                # probing); a fresh channel needs about three before it runs at speed.
+                warmup=3,
             )
             last.clear()
     finally:
