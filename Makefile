@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test lint proto bench clean
+.PHONY: install serve test lint proto bench soak clean
 
 install: $(STAMP) tools/node_modules/.installed
 
@@ -37,6 +37,11 @@ proto: install
 # The benchmarks (bench/): minutes; writes docs/performance.md and bench/results/bench.json.
 bench: install
 	$(BIN)/python -m bench --write-docs
+
+# The soak (bench/soak.py): 10,000 mixed requests against a server subprocess, at most 5
+# minutes; writes docs/reliability.md and bench/results/soak.json.
+soak: install
+	$(BIN)/python bench/soak.py --write-docs
 
 clean:
 	rm -rf $(VENV) tools/node_modules .pytest_cache .mypy_cache
