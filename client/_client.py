@@ -42,6 +42,7 @@ from ._result import (
     description,
     model_info,
 )
+from ._retry import DEFAULT_RETRIES, Resend
 from ._target import Target, as_float32
 
 
@@ -55,6 +56,12 @@ class Client:
         token: bearer token sent with every call.
         root_certificates, private_key, certificate_chain: PEM bytes for TLS (and mutual TLS).
         options: extra gRPC channel options.
+        retries: how many times to retry a call that failed with UNAVAILABLE (a replica
+            down or draining) or RESOURCE_EXHAUSTED (a server at capacity), 0 to 4; 0
+            turns retries off. gRPC waits between attempts with exponential backoff, or as
+            long as the server asks, and retries only until a response arrives; analyze()
+            also sends its call once more when the stream broke off with UNAVAILABLE (a
+            replica died mid-stream). A partial result is never returned.
     """
 
     def __init__(
@@ -67,9 +74,10 @@ class Client:
         private_key: bytes | None = None,
         certificate_chain: bytes | None = None,
         options: Sequence[tuple[str, Any]] = (),
+        retries: int = DEFAULT_RETRIES,
     ) -> None:
         tls = credentials(root_certificates, private_key, certificate_chain)
-        opts = channel_options(options)
+        opts = channel_options(options, retries)
         self._channel = (
             grpc.secure_channel(address, tls, opts) if tls else grpc.insecure_channel(address, opts)
         )
@@ -86,6 +94,7 @@ class Client:
         )
         self._timeout = timeout
         self._metadata = call_metadata(token)
+        self._retries = retries
 
     def __enter__(self) -> Client:
         return self
@@ -188,15 +197,20 @@ class Client:
             precision=precision,
             param_grads=param_grads,
         )
-        assembler = Assembler(model)
-        try:
-            for message in self._analyze(
-                request, timeout=self._deadline(timeout), metadata=self._metadata
-            ):
-                assembler.feed(message)
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
-        return as_float32(assembler.result(), targets)
+        resend = Resend(self._retries)
+        while True:
+            assembler = Assembler(model)
+            try:
+                call = self._analyze(
+                    request, timeout=self._deadline(timeout), metadata=self._metadata
+                )
+                for message in resend.watch(call):
+                    assembler.feed(message)
+            except grpc.RpcError as e:
+                if resend.again(e):
+                    continue
+                raise from_rpc_error(e) from None
+            return as_float32(assembler.result(), targets)
 
     def analyze_many(
         self,

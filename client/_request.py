@@ -13,6 +13,7 @@ import numpy as np
 from gradtap.v1 import gradtap_pb2 as pb
 
 from ._objective import Objective
+from ._retry import DEFAULT_RETRIES, method_config
 from ._target import Target, TargetLike, target_message
 from ._tensor import encode
 
@@ -25,13 +26,25 @@ MAX_RECEIVE_BYTES = 16 << 20
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 
 
-def channel_options(extra: Sequence[tuple[str, Any]] = ()) -> list[tuple[str, Any]]:
-    """Message limits set explicitly on both sides, and round-robin over several backends."""
+def channel_options(
+    extra: Sequence[tuple[str, Any]] = (), retries: int = DEFAULT_RETRIES
+) -> list[tuple[str, Any]]:
+    """Message limits set explicitly on both sides, round-robin over several backends, and
+    up to `retries` retries of UNAVAILABLE and RESOURCE_EXHAUSTED (see _retry.py)."""
     config: dict[str, Any] = {"loadBalancingConfig": [{"round_robin": {}}]}
+    methods = method_config(retries)
+    if methods:
+        config["methodConfig"] = methods
     return [
         ("grpc.max_send_message_length", MAX_SEND_BYTES),
         ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
         ("grpc.service_config", json.dumps(config)),
+        # Also with retries=0: gRPC then still retries, transparently, calls that never
+        # reached a server (e.g. sent as a draining server closed the connection).
+        ("grpc.enable_retries", 1),
+        # gRPC keeps a call's request messages for retries up to this size (256 KiB by
+        # default); past it the call is not retried. Inputs may be this large.
+        ("grpc.per_rpc_retry_buffer_size", MAX_SEND_BYTES),
         # Drive server-streaming calls on the caller's thread instead of a thread spawned
         # per call: saves about 0.3 ms on every small call.
         (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1),

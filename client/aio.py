@@ -43,6 +43,7 @@ from ._result import (
     description,
     model_info,
 )
+from ._retry import DEFAULT_RETRIES, Resend
 from ._target import Target, as_float32
 
 __all__ = ["Client", "GradtapError", "Objective", "Result"]
@@ -61,9 +62,10 @@ class Client:
         private_key: bytes | None = None,
         certificate_chain: bytes | None = None,
         options: Sequence[tuple[str, Any]] = (),
+        retries: int = DEFAULT_RETRIES,
     ) -> None:
         tls = credentials(root_certificates, private_key, certificate_chain)
-        opts = channel_options(options)
+        opts = channel_options(options, retries)
         self._channel = (
             grpc.aio.secure_channel(address, tls, opts)
             if tls
@@ -82,6 +84,7 @@ class Client:
         )
         self._timeout = timeout
         self._metadata = call_metadata(token)
+        self._retries = retries
 
     async def __aenter__(self) -> Client:
         return self
@@ -152,16 +155,20 @@ class Client:
             precision=precision,
             param_grads=param_grads,
         )
-        assembler = Assembler(model)
-        try:
-            call = self._analyze(
-                request, timeout=self._deadline(timeout), metadata=self._metadata
-            )
-            async for message in call:
-                assembler.feed(message)
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
-        return as_float32(assembler.result(), targets)
+        resend = Resend(self._retries)
+        while True:
+            assembler = Assembler(model)
+            try:
+                call = self._analyze(
+                    request, timeout=self._deadline(timeout), metadata=self._metadata
+                )
+                async for message in resend.watch_async(call):
+                    assembler.feed(message)
+            except grpc.RpcError as e:
+                if resend.again(e):
+                    continue
+                raise from_rpc_error(e) from None
+            return as_float32(assembler.result(), targets)
 
     def analyze_many(
         self,

@@ -66,6 +66,12 @@ class Cancelled(RequestError):
     kind = Kind.CANCELLED
 
 
+class DeadlineExceeded(RequestError):
+    """The call ran past the server's maximum call duration; the work was abandoned."""
+
+    kind = Kind.DEADLINE_EXCEEDED
+
+
 class Unauthenticated(RequestError):
     """The call carries no bearer token, or one the server does not know."""
 
