@@ -12,7 +12,7 @@ install: $(STAMP) tools/node_modules/.installed
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[server,plot,dev]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[server,plot,otel,dev]"
 	touch $@
 
 # buf (contract lint) and the Node.js gRPC client used by the cross-language test.

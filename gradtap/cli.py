@@ -303,7 +303,13 @@ def serve(
         ),
     ] = False,
     max_workers: Annotated[
-        int, typer.Option(min=1, metavar="N", help="Threads that serve calls.")
+        int,
+        typer.Option(
+            min=1,
+            metavar="N",
+            help="Threads for the calls outside admission (health, ListModels, DescribeModel); "
+            "admitted calls get max-concurrent-requests + max-queue threads more.",
+        ),
     ] = 8,
     grace: Annotated[
         float,
@@ -313,6 +319,114 @@ def serve(
             help="How long calls in flight may finish after SIGTERM or Ctrl-C.",
         ),
     ] = 10.0,
+    max_concurrent_requests: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            metavar="N",
+            help="Analyze, AnalyzeMany, Attribute and Perturb calls that run at once; keep it "
+            "at least --max-batch-size, or batches cannot fill.",
+        ),
+    ] = 16,
+    max_queue: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            metavar="N",
+            help="Calls that may wait for a place; past it calls fail with RESOURCE_EXHAUSTED "
+            "and a retry delay.",
+        ),
+    ] = 32,
+    max_call_seconds: Annotated[
+        float,
+        typer.Option(
+            metavar="SECONDS",
+            help="The longest a call may take from its arrival, whatever the client's deadline.",
+        ),
+    ] = 300.0,
+    tls_cert: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            readable=True,
+            metavar="FILE",
+            help="PEM certificate chain: serve TLS (with --tls-key).",
+        ),
+    ] = None,
+    tls_key: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            readable=True,
+            metavar="FILE",
+            help="PEM private key of --tls-cert.",
+        ),
+    ] = None,
+    tls_client_ca: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            readable=True,
+            metavar="FILE",
+            help="PEM CA bundle: require client certificates it signed (mutual TLS).",
+        ),
+    ] = None,
+    auth_token_file: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            readable=True,
+            metavar="FILE",
+            help="Require a bearer token from this file on every call (docs/operations.md).",
+        ),
+    ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=65535,
+            metavar="PORT",
+            help="Serve Prometheus metrics on http://127.0.0.1:PORT/metrics.",
+        ),
+    ] = None,
+    max_batch_size: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            metavar="N",
+            help="Rows that concurrent compatible Analyze calls may share in one pass; "
+            "1 turns dynamic batching off.",
+        ),
+    ] = 16,
+    batch_timeout_us: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            metavar="MICROSECONDS",
+            help="How long the first call of a batch waits for companions (only while calls "
+            "overlap; a lone call never waits).",
+        ),
+    ] = 2000,
+    max_result_bytes: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            metavar="BYTES",
+            help="Refuse, before any work, a call whose result would be larger.",
+        ),
+    ] = 2 << 30,
+    otel: Annotated[
+        bool,
+        typer.Option(
+            "--otel",
+            help="Trace every call with OpenTelemetry (needs the otel extra; configure the "
+            "exporter the OpenTelemetry way, e.g. with opentelemetry-instrument).",
+        ),
+    ] = False,
 ) -> None:
     """Run the server (needs the server extra, with torch).
 
@@ -337,6 +451,8 @@ def serve(
     )
     try:
         server.resolve_device(device.value)
+        if not max_call_seconds > 0:
+            raise ValueError("--max-call-seconds must be more than 0")
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
@@ -346,6 +462,18 @@ def serve(
         builtins=not no_builtins,
         max_workers=max_workers,
         grace_seconds=grace,
+        max_concurrent_requests=max_concurrent_requests,
+        max_queue=max_queue,
+        max_call_seconds=max_call_seconds,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_client_ca=tls_client_ca,
+        auth_token_file=auth_token_file,
+        metrics_port=metrics_port,
+        max_batch_size=max_batch_size,
+        batch_timeout_us=batch_timeout_us,
+        max_result_bytes=max_result_bytes,
+        tracing=otel,
     )
     bracketed = f"[{host}]" if ":" in host and not host.startswith("[") else host
     try:
@@ -353,6 +481,9 @@ def serve(
     except (OSError, RuntimeError) as e:  # grpc raises RuntimeError when the port is taken
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
+    except ValueError as e:  # a malformed token file, TLS flags that do not go together
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()

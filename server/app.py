@@ -18,6 +18,8 @@ from grpc_reflection.v1alpha import reflection
 
 from gradtap.v1 import gradtap_pb2 as pb
 
+from . import tracing
+from .admission import Admission
 from .batching import Batcher
 from .engine import Engine
 from .models import Registry, load_builtins, load_repository
@@ -29,6 +31,9 @@ from .wire import CHUNK_BYTES
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GradientService"].full_name
+
+CONNECTION_AGE_MS = 5 * 60 * 1000
+"""How long a client connection lives before the server asks the client to reconnect."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,8 @@ class Settings:
     max_request_bytes: int = 64 << 20
     max_tensor_elements: int = 1 << 28
     max_result_bytes: int = 2 << 30
+    # OpenTelemetry spans for every call (server/tracing.py; the otel extra).
+    tracing: bool = False
     grace_seconds: float = 10.0
     # Transport security and authentication (server/security.py).
     tls_cert: Path | None = None
@@ -52,7 +59,7 @@ class Settings:
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     # Overload protection (server/admission.py) and call duration.
-    max_concurrent_requests: int = 4
+    max_concurrent_requests: int = 16
     max_queue: int = 32
     max_call_seconds: float = 300.0
     # Dynamic batching (server/batching.py); max_batch_size 1 turns it off.
@@ -61,11 +68,18 @@ class Settings:
 
 
 def _interceptors(settings: Settings) -> list[grpc.ServerInterceptor]:
-    """The interceptor chain, outermost first: observe, authenticate, admit."""
+    """The interceptor chain, outermost first: trace, observe, authenticate, admit."""
     chain: list[grpc.ServerInterceptor] = []
+    if settings.tracing:
+        chain.append(tracing.server_interceptor())
     chain.append(Observability())
     if settings.auth_token_file is not None:
         chain.append(TokenAuth.from_file(settings.auth_token_file))
+    chain.append(
+        Admission(
+            settings.max_concurrent_requests, settings.max_queue, settings.max_call_seconds
+        )
+    )
     return chain
 
 
@@ -102,6 +116,7 @@ class Running:
     registry: Registry
     metrics_port: int | None = None
     metrics_server: WSGIServer | None = None
+    batcher: Batcher | None = None
 
     def set_serving(self, serving: bool) -> None:
         status = (
@@ -116,6 +131,9 @@ class Running:
         """Turns health NOT_SERVING, refuses new calls and lets in-flight ones finish."""
         self.set_serving(False)
         self.server.stop(grace).wait()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+            self.metrics_server.server_close()
 
 
 def start(
@@ -134,14 +152,24 @@ def start(
     interceptors = _interceptors(settings)
     observability = next(i for i in interceptors if isinstance(i, Observability))
     observability.known_model = lambda name: registry.get(name) is not None
+    # Admitted calls wait for a place on a server thread: they get threads of their own,
+    # and max_workers stay free for health, ListModels and DescribeModel. grpcio refuses
+    # calls past the pool (RESOURCE_EXHAUSTED) instead of queueing them without bound.
+    threads = settings.max_workers + settings.max_concurrent_requests + settings.max_queue
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="gradtap"),
+        futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gradtap"),
         interceptors=interceptors,
+        maximum_concurrent_rpcs=threads,
         options=[
             ("grpc.max_receive_message_length", settings.max_request_bytes),
             # Result messages carry at most 1 MiB of tensor bytes plus their headers.
             ("grpc.max_send_message_length", 4 * CHUNK_BYTES),
             ("grpc.so_reuseport", 0),
+            # Clients reconnect every few minutes, and re-resolve their target as they do:
+            # replicas added since (a scaled-up Deployment) then get their share of calls.
+            # Calls in flight may run to their maximum duration on the old connection.
+            ("grpc.max_connection_age_ms", CONNECTION_AGE_MS),
+            ("grpc.max_connection_age_grace_ms", round(settings.max_call_seconds * 1e3)),
         ],
     )
     batcher = Batcher(
@@ -169,7 +197,9 @@ def start(
         port = server.add_secure_port(address, credentials)
     if port == 0:
         raise OSError(f"could not bind {address}")
-    running = Running(server=server, port=port, health=health_servicer, registry=registry)
+    running = Running(
+        server=server, port=port, health=health_servicer, registry=registry, batcher=batcher
+    )
     if settings.metrics_port is not None:
         running.metrics_server = start_metrics(
             settings.metrics_port, settings.metrics_host, observability.registry
