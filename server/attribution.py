@@ -34,7 +34,7 @@ from captum.attr import (
 )
 from torch import nn
 
-from .engine import Engine, ShouldStop
+from .engine import Engine, ShouldStop, release
 from .errors import Cancelled, InvalidArgument, ResourceExhausted
 from .models import Model
 
@@ -507,6 +507,8 @@ def _run(
             reason="MODEL_REJECTED_INPUT",
             field="inputs",
         ) from e
+    finally:
+        release(graph)  # a fresh graph per call: drop the source torch.fx caches for it
     result.tensor = attribution.detach().to("cpu").contiguous()
     result.compute_ms = (time.perf_counter() - started) * 1e3
     return result

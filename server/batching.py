@@ -76,10 +76,9 @@ class _Pending:
 
 @dataclass
 class _Queue:
+    key: tuple[Any, ...]
     pending: list[_Pending] = field(default_factory=list)
     arrived: threading.Condition = field(default_factory=threading.Condition)
-    recent: deque[tuple[float, int]] = field(default_factory=deque)
-    """(arrival time, requests in flight at that moment) over the last window."""
 
 
 class Batcher:
@@ -106,6 +105,8 @@ class Batcher:
         self._symbols: dict[str, str | None] = {}
         self._active = 0
         self._window = max(0.01, 5 * self.timeout)
+        self._recent: deque[tuple[float, int]] = deque()
+        """(arrival time, requests in flight at that moment) over the last window."""
 
     # -- eligibility ------------------------------------------------------------------------
 
@@ -136,17 +137,17 @@ class Batcher:
         nodes = [self.engine.resolve(model, t.name) for t in analysis.targets]
         objective = analysis.objective
         if objective is not None:
-            nodes.append(self.engine.resolve(model, objective.node) if objective.node else None)
-            if not objective.node and objective.output >= len(model.outputs):
+            if objective.node:
+                nodes.append(self.engine.resolve(model, objective.node))
+            elif objective.output >= len(model.outputs):
                 return None
             if objective.tensor is not None and (
                 objective.tensor.dim() == 0
                 or objective.tensor.shape[0] != analysis.inputs[0].shape[0]
             ):
                 return None
+        # Unknown names run alone (and fail there): keys only ever hold resolved nodes.
         for node in nodes:
-            if node is None and objective is not None and not objective.node:
-                continue
             info = model.nodes.get(node or "")
             if info is None or not info.spec.dims or info.spec.dims[0].symbol != symbol:
                 return None
@@ -178,18 +179,17 @@ class Batcher:
             return self._alone(model, analysis, should_stop)
         me = _Pending(analysis, int(analysis.inputs[0].shape[0]), should_stop)
         with self._lock:
-            queue = self._queues.setdefault(key, _Queue())
+            queue = self._queues.setdefault(key, _Queue(key))
             self._active += 1
-            in_flight = self._active
+            now = time.monotonic()
+            self._recent.append((now, self._active))
+            while self._recent[0][0] < now - self._window:
+                self._recent.popleft()
+            # Waiting for companions only pays when requests overlap; a lone caller
+            # (no other request in flight lately) runs at once, paying no delay.
+            wait = max(n for _, n in self._recent) > 1
         try:
             with queue.arrived:
-                now = time.monotonic()
-                queue.recent.append((now, in_flight))
-                while queue.recent[0][0] < now - self._window:
-                    queue.recent.popleft()
-                # Waiting for companions only pays when requests overlap; a lone caller
-                # (no other request in flight lately) runs at once, paying no delay.
-                wait = max(n for _, n in queue.recent) > 1
                 queue.pending.append(me)
                 leader = len(queue.pending) == 1
                 queue.arrived.notify_all()
@@ -229,7 +229,16 @@ class Batcher:
             if queue.pending:  # the first of those left behind leads the next batch
                 queue.pending[0].lead = True
                 queue.pending[0].done.set()
+            else:
+                self._drop(queue)
         return batch
+
+    def _drop(self, queue: _Queue) -> None:
+        """Forgets an empty queue, so that keys never pile up. A request that picked the
+        queue up just before leads it alone; the next one starts a fresh queue."""
+        with self._lock:
+            if self._queues.get(queue.key) is queue:
+                del self._queues[queue.key]
 
     def _alone(self, model: Model, analysis: Analysis, should_stop: ShouldStop) -> Outcome:
         if self.observe is not None:

@@ -8,7 +8,9 @@ that nobody asked for.
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import linecache
 import threading
 import time
 from collections import OrderedDict
@@ -167,7 +169,7 @@ class Engine:
         with self._lock:
             cache[captures] = module
             while len(cache) > _VARIANTS_PER_MODEL:
-                cache.popitem(last=False)
+                release(cache.popitem(last=False)[1])
         return module
 
     # -- request checks ---------------------------------------------------------------------
@@ -276,7 +278,11 @@ class Engine:
             ]
             module = self._variant(model, captures)
             t0 = time.perf_counter()
-            autocast = torch.autocast(self.device.type, torch.bfloat16, enabled=request.autocast)
+            autocast = (
+                torch.autocast(self.device.type, torch.bfloat16)
+                if request.autocast
+                else contextlib.nullcontext()
+            )
             try:
                 _checkpoints.should_stop = should_stop
                 with autocast:
@@ -350,23 +356,23 @@ class Engine:
             )
             if r.activation is not None:
                 tensors.append(
-                    Collected(Role.ACTIVATION, target.name, 0, _host(r.activation), r.applied)
+                    Collected(Role.ACTIVATION, target.name, 0, _detached(r.activation), r.applied)
                 )
             if r.gradient is not None:
                 tensors.append(
-                    Collected(Role.GRADIENT, target.name, 0, _host(r.gradient), r.applied)
+                    Collected(Role.GRADIENT, target.name, 0, _detached(r.gradient), r.applied)
                 )
             if r.indices is not None:
                 tensors.append(
-                    Collected(Role.TOPK_INDICES, target.name, 0, _host(r.indices), r.applied)
+                    Collected(Role.TOPK_INDICES, target.name, 0, _detached(r.indices), r.applied)
                 )
         for p, g in param_grads.items():
-            tensors.append(Collected(Role.PARAMETER_GRADIENT, model.state[p][0], 0, _host(g)))
+            tensors.append(Collected(Role.PARAMETER_GRADIENT, model.state[p][0], 0, _detached(g)))
         for i, g in input_grads.items():
-            tensors.append(Collected(Role.INPUT_GRADIENT, "", i, _host(g)))
+            tensors.append(Collected(Role.INPUT_GRADIENT, "", i, _detached(g)))
         if request.outputs:
             for i, out in enumerate(outputs):
-                tensors.append(Collected(Role.OUTPUT, "", i, _host(out)))
+                tensors.append(Collected(Role.OUTPUT, "", i, _detached(out)))
         timings["collect_ms"] = (time.perf_counter() - t0) * 1e3
         timings["total_ms"] = (time.perf_counter() - started) * 1e3
         return Outcome(
@@ -564,8 +570,24 @@ def _required(objective: Objective, name: str) -> torch.Tensor:
     return objective.tensor
 
 
-def _host(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to("cpu").contiguous()
+def release(module: torch.fx.GraphModule) -> None:
+    """Drops the generated source torch.fx keeps, forever, for every GraphModule it compiles
+    (in its loader's eval_cache and in linecache). Call it when a module is discarded;
+    without it, each rebuilt graph variant leaks its source."""
+    loader = getattr(torch.fx.graph_module, "_loader", None)
+    for m in module.modules():
+        if not isinstance(m, torch.fx.GraphModule):
+            continue
+        key = type(m).forward.__code__.co_filename
+        if loader is not None:
+            loader.eval_cache.pop(key, None)
+        linecache.cache.pop(key, None)
+
+
+def _detached(t: torch.Tensor) -> torch.Tensor:
+    """A result tensor, left on its device: wire.frames copies it to the host, overlapping
+    each device-to-host copy with the streaming of the tensor before it."""
+    return t.detach().contiguous()
 
 
 def _clip(text: str, limit: int = 80) -> str:

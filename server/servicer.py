@@ -21,7 +21,7 @@ from grpc_status import rpc_status
 from gradtap.v1 import gradtap_pb2 as pb
 from gradtap.v1 import gradtap_pb2_grpc as pb_grpc
 
-from . import budget, many, method_wire, wire
+from . import budget, deadline, many, method_wire, wire
 from .adversarial import perturb
 from .attribution import attribute
 from .batching import Batcher
@@ -219,7 +219,8 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         self.engine.check_inputs(model, analysis.inputs)
         budget.check(model, analysis, self.limits.max_result_bytes)
         decode_ms = (time.perf_counter() - started) * 1e3
-        outcome = self.run(model, analysis, should_stop=lambda: not context.is_active())
+        with deadline.time_limit(context) as should_stop:
+            outcome = self.run(model, analysis, should_stop=should_stop)
         timings = dict(outcome.timings, decode_ms=decode_ms)
         timings["total_ms"] = (time.perf_counter() - started) * 1e3
         summary = pb.AnalyzeSummary(

@@ -89,9 +89,12 @@ def decode(message: pb.Tensor, field: str, max_elements: int) -> torch.Tensor:
             f"{field}.shape has a negative dimension", reason="WRONG_SHAPE", field=f"{field}.shape"
         )
     elements = math.prod(shape)
-    if elements > max_elements:
+    # An empty tensor can still declare absurd sizes ([2**62, 2**62, 0]) that overflow
+    # torch's storage arithmetic: bound the product of the non-zero sizes as well.
+    if elements > max_elements or math.prod(d for d in shape if d) > max_elements:
         raise ResourceExhausted(
-            f"{field} has {elements} elements; the server accepts at most {max_elements}",
+            f"{field}.shape {shape} declares more than the {max_elements} elements the server "
+            "accepts",
             reason="TENSOR_TOO_LARGE",
             field=f"{field}.shape",
         )

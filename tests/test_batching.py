@@ -14,6 +14,7 @@ from gradtap.server.models import export_builtin
 from torch import nn
 
 from . import models
+from .conftest import Served
 
 RTOL, ATOL = 1e-5, 1e-6
 
@@ -48,6 +49,8 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str
         repository / "centered.pt2",
     )
     common = {"device": "cpu", "builtins": False, "model_repository": repository, "max_workers": 32}
+    # Admission lets only this many calls reach the batcher at once: all of them, here.
+    common["max_concurrent_requests"] = 16
     batching = start("127.0.0.1:0", Settings(max_batch_size=16, batch_timeout_us=200_000, **common))  # type: ignore[arg-type]
     alone = start("127.0.0.1:0", Settings(max_batch_size=1, **common))  # type: ignore[arg-type]
     running: list[Running] = [batching, alone]
@@ -203,3 +206,18 @@ def test_an_archive_can_opt_out_of_batching(tmp_path_factory: pytest.TempPathFac
         assert all(isinstance(r, Result) and r.metadata["batch_size"] == 1 for r in results)
     finally:
         running.server.stop(None).wait()
+
+
+def test_refused_and_finished_requests_leave_no_queues_behind(served: Served) -> None:
+    """Batching keys must never accumulate: one per unknown name would be a memory leak."""
+    batcher = served.running.batcher
+    with Client(served.address, timeout=60) as c:
+        x = np.zeros((1, 784), np.float32)
+        for i in range(20):
+            with pytest.raises(GradtapError):
+                c.analyze("seed-mlp", x, [f"nope{i}"], Objective.sum())
+        results = concurrently(
+            [(lambda: c.analyze("seed-mlp", x, ["relu_1"], Objective.sum())) for _ in range(6)]
+        )
+    assert all(isinstance(r, Result) for r in results)
+    assert batcher._queues == {}

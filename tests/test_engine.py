@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -134,3 +135,22 @@ def test_results_over_the_byte_budget_are_refused_before_any_work(
             assert info.value.reason == "RESULT_TOO_LARGE" and ran == []
     finally:
         running.server.stop(None).wait()
+
+
+def test_evicted_graph_variants_release_their_generated_source() -> None:
+    """torch.fx keeps every compiled graph's source forever unless it is released."""
+    import torch.fx.graph_module as fx_module
+
+    registry = Registry(torch.device("cpu"))
+    model = registry.add("mlp", "test", export_builtin("seed-mlp"))
+    engine = Engine(torch.device("cpu"))
+    nodes = [n for n in model.nodes if model.nodes[n].differentiable]
+    combos = [c for k in (1, 2, 3) for c in itertools.combinations(nodes, k)][:40]
+    assert len(combos) == 40
+    before = len(fx_module._loader.eval_cache)
+    for _ in range(3):
+        for combo in combos:
+            targets = [Target(n) for n in combo]
+            analysis = Analysis([torch.zeros(1, 784)], targets, EngineObjective("sum"))
+            engine.analyze(model, analysis)
+    assert len(fx_module._loader.eval_cache) - before <= 32

@@ -1266,7 +1266,9 @@ class Timings(_message.Message):
     backward_ms: _builtins.float
     """The backward pass."""
     collect_ms: _builtins.float
-    """Preparing the result for transfer (device to host copies)."""
+    """Preparing the result for transfer (reductions). Device-to-host copies overlap with
+    the streaming and are not counted here.
+    """
     total_ms: _builtins.float
     """From request arrival until the result was ready to send."""
     def __init__(
