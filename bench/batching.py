@@ -31,8 +31,9 @@ from .models import ResBlock
 TARGET_RATIO = 1.5
 BATCH_ON = ["--max-batch-size", "16", "--batch-timeout-us", "2000"]
 BATCH_OFF = ["--max-batch-size", "1"]
-# Enough server threads that 16 concurrent calls can all reach the batcher.
-WORKERS = ["--max-workers", "16"]
+# Enough server threads and admission places that 16 concurrent calls can all reach the
+# batcher.
+WORKERS = ["--max-workers", "16", "--max-concurrent-requests", "16"]
 
 
 class Workers:
