@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import linecache
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -139,18 +140,25 @@ class Engine:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self._lock = threading.Lock()
-        self._variants: dict[str, OrderedDict[tuple[str, ...], torch.fx.GraphModule]] = {}
+        self._variants: dict[str, dict[tuple[str, ...], torch.fx.GraphModule]] = {}
 
     # -- graph variants ---------------------------------------------------------------------
 
-    def _variant(self, model: Model, captures: tuple[str, ...]) -> torch.fx.GraphModule:
-        """The model's flat graph returning (user outputs..., captured nodes...)."""
+    def _variant(self, model: Model, captures: tuple[str, ...]) -> Callable[..., Any]:
+        """The model's flat graph returning (user outputs..., captured nodes...).
+
+        The first sets of captured nodes each get a compiled graph, kept for good. Compiling
+        costs native memory torch.fx never gives back, so past that number a new set runs
+        through torch.fx's Interpreter instead: a little slower, with the same operators
+        and numbers, and nothing left behind.
+        """
         with self._lock:
-            cache = self._variants.setdefault(model.name, OrderedDict())
+            cache = self._variants.setdefault(model.name, {})
             module = cache.get(captures)
             if module is not None:
-                cache.move_to_end(captures)
                 return module
+            if len(cache) >= _VARIANTS_PER_MODEL:
+                return functools.partial(_interpreted, model, captures)
         source = model.program.graph
         graph = torch.fx.Graph()
         copied: dict[torch.fx.Node, torch.fx.Node] = {}
@@ -167,10 +175,11 @@ class Engine:
         graph.output((*user_outputs, *(by_name[name] for name in captures)))
         module = torch.fx.GraphModule(model.program.graph_module, graph)
         with self._lock:
-            cache[captures] = module
-            while len(cache) > _VARIANTS_PER_MODEL:
-                release(cache.popitem(last=False)[1])
-        return module
+            if len(cache) < _VARIANTS_PER_MODEL:
+                cache.setdefault(captures, module)
+                return cache[captures]
+        release(module)
+        return functools.partial(_interpreted, model, captures)
 
     # -- request checks ---------------------------------------------------------------------
 
@@ -568,6 +577,31 @@ def _required(objective: Objective, name: str) -> torch.Tensor:
             field=f"{objective.field}.{name}",
         )
     return objective.tensor
+
+
+class _Capturing(torch.fx.Interpreter):
+    """Runs a graph node by node, keeping the values of the wanted nodes."""
+
+    def __init__(self, module: torch.fx.GraphModule, wanted: tuple[str, ...]) -> None:
+        super().__init__(module, garbage_collect_values=True)
+        self.wanted = set(wanted)
+        self.values: dict[str, Any] = {}
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        value = super().run_node(n)
+        if n.name in self.wanted:
+            self.values[n.name] = value
+        if n.op == "call_function":
+            _checkpoint()
+        return value
+
+
+def _interpreted(model: Model, captures: tuple[str, ...], *args: torch.Tensor) -> tuple[Any, ...]:
+    """What a compiled variant returns, computed by the Interpreter."""
+    interpreter = _Capturing(model.program.graph_module, captures)
+    flat = interpreter.run(*args)
+    outputs = [flat[p] for p in model.output_positions]
+    return (*outputs, *(interpreter.values[name] for name in captures))
 
 
 def release(module: torch.fx.GraphModule) -> None:

@@ -11,7 +11,7 @@ import torch
 from gradtap.client import Client, GradtapError, Objective
 from gradtap.server import budget
 from gradtap.server.app import Settings, start
-from gradtap.server.engine import Analysis, Engine, Target
+from gradtap.server.engine import Analysis, Engine, Outcome, Target
 from gradtap.server.engine import Objective as EngineObjective
 from gradtap.server.errors import Cancelled
 from gradtap.server.models import Registry, builtin_module, export_builtin
@@ -154,3 +154,27 @@ def test_evicted_graph_variants_release_their_generated_source() -> None:
             analysis = Analysis([torch.zeros(1, 784)], targets, EngineObjective("sum"))
             engine.analyze(model, analysis)
     assert len(fx_module._loader.eval_cache) - before <= 32
+
+
+def test_sets_past_the_compiled_ones_run_interpreted_with_the_same_numbers() -> None:
+    registry = Registry(torch.device("cpu"))
+    model = registry.add("mlp", "test", export_builtin("seed-mlp"))
+    nodes = [n for n in model.nodes if model.nodes[n].differentiable]
+    combos = [c for k in (1, 2, 3) for c in itertools.combinations(nodes, k)][:40]
+    x = torch.randn(2, 784, generator=torch.Generator().manual_seed(1))
+
+    def run(engine: Engine, combo: tuple[str, ...]) -> Outcome:
+        targets = [Target(n, activation=True) for n in combo]
+        return engine.analyze(
+            model, Analysis([x], targets, EngineObjective("sum"), input_gradients=True)
+        )
+
+    busy = Engine(torch.device("cpu"))
+    for combo in combos[:32]:
+        run(busy, combo)
+    for combo in combos[32:]:
+        interpreted, compiled = run(busy, combo), run(Engine(torch.device("cpu")), combo)
+        assert len(interpreted.tensors) == len(compiled.tensors) > 0
+        for a, b in zip(interpreted.tensors, compiled.tensors):
+            assert (a.role, a.name) == (b.role, b.name)
+            assert torch.equal(a.tensor, b.tensor)
