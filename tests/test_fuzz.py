@@ -3,10 +3,9 @@
 Every call must end OK with a complete result, or with one of the documented refusals
 (INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, RESOURCE_EXHAUSTED) carrying a
 google.rpc.Status with an UPPER_SNAKE ErrorInfo reason and no traceback or file path.
-INTERNAL means a server bug, with one exception that is grpcio's and not gradtap's: bytes
-that do not parse as the method's request message never reach the servicer, and grpcio
-itself answers them INTERNAL "Exception deserializing request!" without details. That
-answer is accepted only for bytes the test has checked do not parse.
+INTERNAL means a server bug. Bytes that do not parse as the method's request message get
+INVALID_ARGUMENT with reason MALFORMED_REQUEST (grpcio alone would answer them a bare
+INTERNAL, and keep memory for each).
 
 Examples are derandomized so that a run in CI tests the same requests as a run here.
 """
@@ -44,7 +43,6 @@ REFUSALS = {
     grpc.StatusCode.FAILED_PRECONDITION,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
-GRPCIO_UNPARSEABLE = "Exception deserializing request!"
 REASON = re.compile(r"[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)*")
 LEAKS = ("Traceback", "/work", '.py"')
 CALL_TIMEOUT = 60.0
@@ -454,11 +452,6 @@ def check_refusal(error: grpc.RpcError, raw: bytes, kind: type[Message]) -> None
     """A non-OK status: documented, with parseable details and nothing of the server's insides."""
     code, message = error.code(), error.details() or ""
     where = reproducer(raw, kind)
-    if code == grpc.StatusCode.INTERNAL and message == GRPCIO_UNPARSEABLE:
-        assert not parses(kind, raw), f"grpcio could not parse bytes that parse here\n{where}"
-        assert rpc_status.from_call(error) is None
-        event("grpcio: unparseable")
-        return
     assert code in REFUSALS, f"{code.name} {message!r}: a server bug\n{where}"
     status = rpc_status.from_call(error)
     assert status is not None, f"{code.name} {message!r} has no grpc-status-details-bin\n{where}"
@@ -592,16 +585,23 @@ def test_random_bytes_get_an_answer_or_a_documented_refusal(
         unary_raw(channel, method, raw)
 
 
-def test_the_unparseable_answer_is_grpcio_s_own(channel: grpc.Channel) -> None:
-    """What the raw-bytes tests allow: grpcio's INTERNAL for bytes that are no request."""
+def test_bytes_that_are_no_request_are_invalid_argument(channel: grpc.Channel) -> None:
+    """Bytes that are no request get a documented INVALID_ARGUMENT, not grpcio's INTERNAL."""
     raw = b"\x0a\x05ab"  # field 1, five bytes announced, two sent
     assert not parses(pb.AnalyzeRequest, raw)
     call = channel.unary_stream(ANALYZE, request_serializer=lambda b: b)
     with pytest.raises(grpc.RpcError) as info:
         list(call(raw, timeout=CALL_TIMEOUT))
-    assert info.value.code() == grpc.StatusCode.INTERNAL
-    assert info.value.details() == GRPCIO_UNPARSEABLE
-    assert rpc_status.from_call(info.value) is None
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    status = rpc_status.from_call(info.value)
+    assert status is not None
+    infos = [
+        error_details_pb2.ErrorInfo()
+        for d in status.details
+        if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR)
+    ]
+    assert len(infos) == 1 and status.details[0].Unpack(infos[0])
+    assert infos[0].reason == "MALFORMED_REQUEST"
 
 
 @pytest.mark.parametrize("field", ["inputs", "labels"])
