@@ -38,10 +38,11 @@ proto: install
 bench: install
 	$(BIN)/python -m bench --write-docs
 
-# The soak (bench/soak.py): 10,000 mixed requests against a server subprocess, at most 5
+# The soak (bench/soak.py): 30,000 mixed requests, the first 10,000 as warm-up (thread pool
+# and graph caches fill), against a server subprocess, at most 5
 # minutes; writes docs/reliability.md and bench/results/soak.json.
 soak: install
-	$(BIN)/python bench/soak.py --write-docs
+	$(BIN)/python bench/soak.py --requests 30000 --warmup 10000 --write-docs
 
 clean:
 	rm -rf $(VENV) tools/node_modules .pytest_cache .mypy_cache

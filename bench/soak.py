@@ -676,10 +676,10 @@ Two things stand behind gradtap's claim to survive hostile traffic:
 - **The soak** below: many such requests from several threads against a server subprocess,
   watching its memory and threads.
 
-One answer is grpcio's, not gradtap's: bytes that do not parse as the method's request
-message never reach gradtap's code, and grpcio answers them `INTERNAL` with the message
-`Exception deserializing request!` and no details. Both the fuzz suite and the soak accept
-that answer only for bytes they have checked do not parse; any other `INTERNAL` is a bug.
+Bytes that do not parse as the method's request message get `INVALID_ARGUMENT` with reason
+`MALFORMED_REQUEST`. (grpcio alone answers them a bare `INTERNAL`, "Exception deserializing
+request!", and kept about 20 KiB of memory for each such call: the soak found that, and the
+server now parses requests itself.) Any `INTERNAL` is a bug.
 
 ## Target
 
