@@ -176,7 +176,28 @@ class ManyAssembler:
         return self._aggregate
 
 
-class ResultStream:
+class _Aggregating:
+    """What the sync and async result streams share: the aggregate, once the stream ended."""
+
+    def __init__(self, aggregate: bool) -> None:
+        self._aggregate: Aggregate | None = None
+        self._wants_aggregate = aggregate
+        self._finished = False
+
+    @property
+    def aggregate(self) -> Aggregate | None:
+        """The Aggregate (with aggregate=True), or None without it or for no items.
+
+        Raises:
+            RuntimeError: the stream has not been iterated to its end yet; the aggregate
+                arrives after the last result.
+        """
+        if self._wants_aggregate and not self._finished:
+            raise RuntimeError("the aggregate arrives after the last result: iterate to the end")
+        return self._aggregate
+
+
+class ResultStream(_Aggregating):
     """The results of Client.analyze_many: an iterator of Result, one per item, in order.
 
     The stream starts on the first `next()`. Breaking out early (or `close()`) cancels it.
@@ -192,22 +213,8 @@ class ResultStream:
         max_in_flight: int,
         aggregate: bool,
     ) -> None:
-        self._aggregate: Aggregate | None = None
-        self._wants_aggregate = aggregate
-        self._finished = False
+        super().__init__(aggregate)
         self._results = self._run(start, requests, assembler, max_in_flight, aggregate)
-
-    @property
-    def aggregate(self) -> Aggregate | None:
-        """The Aggregate (with aggregate=True), or None without it or for no items.
-
-        Raises:
-            RuntimeError: the stream has not been iterated to its end yet; the aggregate
-                arrives after the last result.
-        """
-        if self._wants_aggregate and not self._finished:
-            raise RuntimeError("the aggregate arrives after the last result: iterate to the end")
-        return self._aggregate
 
     def __iter__(self) -> ResultStream:
         return self
@@ -279,7 +286,7 @@ class ResultStream:
                 call.cancel()
 
 
-class AsyncResultStream:
+class AsyncResultStream(_Aggregating):
     """The results of aio Client.analyze_many: an async iterator of Result, in item order.
 
     `aggregate` holds the job's Aggregate once the last result was taken.
@@ -293,22 +300,8 @@ class AsyncResultStream:
         max_in_flight: int,
         aggregate: bool,
     ) -> None:
-        self._aggregate: Aggregate | None = None
-        self._wants_aggregate = aggregate
-        self._finished = False
+        super().__init__(aggregate)
         self._results = self._run(start, requests, assembler, max_in_flight, aggregate)
-
-    @property
-    def aggregate(self) -> Aggregate | None:
-        """The Aggregate (with aggregate=True), or None without it or for no items.
-
-        Raises:
-            RuntimeError: the stream has not been iterated to its end yet; the aggregate
-                arrives after the last result.
-        """
-        if self._wants_aggregate and not self._finished:
-            raise RuntimeError("the aggregate arrives after the last result: iterate to the end")
-        return self._aggregate
 
     def __aiter__(self) -> AsyncResultStream:
         return self
