@@ -269,6 +269,11 @@ def save(result: Result, out: Path) -> int:
     return len(arrays)
 
 
+def _file_option(help: str) -> Any:
+    """An option naming an existing, readable file."""
+    return typer.Option(exists=True, dir_okay=False, readable=True, metavar="FILE", help=help)
+
+
 @app.command()
 def serve(
     host: Annotated[
@@ -346,43 +351,19 @@ def serve(
     ] = 300.0,
     tls_cert: Annotated[
         Path | None,
-        typer.Option(
-            exists=True,
-            dir_okay=False,
-            readable=True,
-            metavar="FILE",
-            help="PEM certificate chain: serve TLS (with --tls-key).",
-        ),
+        _file_option("PEM certificate chain: serve TLS (with --tls-key)."),
     ] = None,
     tls_key: Annotated[
         Path | None,
-        typer.Option(
-            exists=True,
-            dir_okay=False,
-            readable=True,
-            metavar="FILE",
-            help="PEM private key of --tls-cert.",
-        ),
+        _file_option("PEM private key of --tls-cert."),
     ] = None,
     tls_client_ca: Annotated[
         Path | None,
-        typer.Option(
-            exists=True,
-            dir_okay=False,
-            readable=True,
-            metavar="FILE",
-            help="PEM CA bundle: require client certificates it signed (mutual TLS).",
-        ),
+        _file_option("PEM CA bundle: require client certificates it signed (mutual TLS)."),
     ] = None,
     auth_token_file: Annotated[
         Path | None,
-        typer.Option(
-            exists=True,
-            dir_okay=False,
-            readable=True,
-            metavar="FILE",
-            help="Require a bearer token from this file on every call (docs/operations.md).",
-        ),
+        _file_option("Require a bearer token from this file on every call (docs/operations.md)."),
     ] = None,
     metrics_port: Annotated[
         int | None,
@@ -632,8 +613,7 @@ def analyze(
             "--out-dir",
             file_okay=False,
             metavar="DIR",
-            help="Where --inputs-dir writes one .npz per item, keyed as --out; created if "
-            "missing.",
+            help="Where --inputs-dir writes one .npz per item, keyed as --out; created if missing.",
         ),
     ] = None,
     plot: Annotated[
