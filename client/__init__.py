@@ -13,6 +13,7 @@ from ._objective import Objective
 from ._perturb import PerturbResult
 from ._plot import plot as plot_attribution
 from ._result import ModelDescription, ModelInfo, Node, Result, TensorSpec
+from ._shm import SharedRegion
 from ._target import Reduction, Target
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "Reduction",
     "Result",
     "ResultStream",
+    "SharedRegion",
     "Target",
     "TensorSpec",
     "plot_attribution",

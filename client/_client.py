@@ -43,6 +43,7 @@ from ._result import (
     model_info,
 )
 from ._retry import DEFAULT_RETRIES, Resend
+from ._shm import Regions, SharedRegion
 from ._target import Target, as_float32
 
 
@@ -95,6 +96,7 @@ class Client:
         self._timeout = timeout
         self._metadata = call_metadata(token)
         self._retries = retries
+        self._region_sizes: dict[str, int] = {}
 
     def __enter__(self) -> Client:
         return self
@@ -158,6 +160,7 @@ class Client:
         param_grads: Sequence[str] = (),
         digest: str | None = None,
         precision: str = "full",
+        shared_memory: bool | SharedRegion = False,
         timeout: float | None = None,
     ) -> Result:
         """Runs one forward and backward pass on the server.
@@ -177,6 +180,10 @@ class Client:
             digest: fail unless the served model has this digest.
             precision: "full", or "bfloat16" to run the forward pass under bf16 autocast
                 (faster on GPUs; results carry about 3 significant digits).
+            shared_memory: on the server's host, with a server started with
+                --shared-memory: True to have the result written into a shared-memory
+                region made for this call, or a SharedRegion to reuse (fastest; the arrays
+                are then views of it, valid until its next use). See docs/shared-memory.md.
             timeout: deadline in seconds for this call.
 
         Returns:
@@ -198,19 +205,26 @@ class Client:
             param_grads=param_grads,
         )
         resend = Resend(self._retries)
-        while True:
-            assembler = Assembler(model)
-            try:
-                call = self._analyze(
-                    request, timeout=self._deadline(timeout), metadata=self._metadata
-                )
-                for message in resend.watch(call):
-                    assembler.feed(message)
-            except grpc.RpcError as e:
-                if resend.again(e):
-                    continue
-                raise from_rpc_error(e) from None
-            return as_float32(assembler.result(), targets)
+        regions = Regions(shared_memory, self._region_sizes, model)
+        try:
+            while True:
+                assembler = Assembler(model, regions.open(request))
+                try:
+                    call = self._analyze(
+                        request, timeout=self._deadline(timeout), metadata=self._metadata
+                    )
+                    for message in resend.watch(call):
+                        assembler.feed(message)
+                except grpc.RpcError as e:
+                    if resend.again(e):
+                        continue
+                    error = from_rpc_error(e)
+                    if regions.grow(error):
+                        continue
+                    raise error from None
+                return as_float32(assembler.result(), targets)
+        finally:
+            regions.close()
 
     def analyze_many(
         self,

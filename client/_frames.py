@@ -12,6 +12,7 @@ import numpy as np
 from gradtap.v1 import gradtap_pb2 as pb
 
 from ._errors import GradtapError
+from ._shm import SharedRegion
 from ._tensor import NUMPY_DTYPES
 
 
@@ -34,10 +35,14 @@ def broken(message: str) -> GradtapError:
 class Frames:
     """Copies each chunk straight into its preallocated array, checking order and sizes.
 
-    `finish` accepts only a complete set: every byte of every announced tensor.
+    `finish` accepts only a complete set: every byte of every announced tensor. With a
+    shared-memory `region`, a header may say the tensors are already in it (AnalyzeHeader
+    .shared_memory): the arrays are then views of the region and no chunk may follow.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, region: SharedRegion | None = None) -> None:
+        self.region = region
+        self.in_region = False
         self.headers: list[pb.TensorHeader] | None = None
         self.arrays: list[np.ndarray] = []
         self._bytes: list[np.ndarray] = []
@@ -52,10 +57,15 @@ class Frames:
         if header is not None:
             if self.headers is not None:
                 raise broken("the stream sent a second header")
-            self._allocate(list(header.tensors))
+            if header.shared_memory:
+                self._views(list(header.tensors))
+            else:
+                self._allocate(list(header.tensors))
         for chunk in chunks:
             if self.headers is None:
                 raise broken("the stream sent tensor bytes before its header")
+            if self.in_region:
+                raise broken("the stream sent tensor bytes for a result in shared memory")
             self._copy(chunk)
 
     def finish(self, tensor_count: int) -> None:
@@ -82,6 +92,19 @@ class Frames:
             self._bytes.append(array.reshape(-1).view(np.uint8))
             self._filled.append(0)
         self.headers = headers
+
+    def _views(self, headers: list[pb.TensorHeader]) -> None:
+        if self.region is None:
+            raise broken("the server wrote into shared memory that the call did not offer")
+        for i, h in enumerate(headers):
+            array = self.region.array(h)
+            if h.id != i or array is None:
+                raise broken(f"tensor header {i} points outside the shared-memory region")
+            self.arrays.append(array)
+            self._bytes.append(array.reshape(-1).view(np.uint8))
+            self._filled.append(h.byte_size)
+        self.headers = headers
+        self.in_region = True
 
     def _copy(self, chunk: Chunk) -> None:
         if chunk.tensor_id >= len(self._bytes):

@@ -12,6 +12,7 @@ import numpy as np
 from gradtap.v1 import gradtap_pb2 as pb
 
 from ._frames import Frames, broken
+from ._shm import SharedRegion
 from ._target import Reduction, reduction
 from ._tensor import DTYPE_NAMES
 
@@ -26,8 +27,9 @@ class Result:
         input_grads: input position -> gradient with respect to that input.
         outputs: the model's outputs, in order (when requested).
         loss: the objective's value (NaN without an objective).
-        metadata: model, model_digest, device, torch_version, replica, timings (ms) and
-            bytes_received (tensor bytes that crossed the wire).
+        metadata: model, model_digest, device, torch_version, replica, timings (ms),
+            bytes_received (tensor bytes that crossed the wire) and transport ("stream", or
+            "shared_memory" when the server wrote the tensors into a SharedRegion).
         param_grads: parameter state-dict name -> gradient of the objective.
         topk_indices: target name -> flat positions of the entries a topk target kept.
         reductions: target name -> what the server reduced, for targets with a reduction.
@@ -132,8 +134,6 @@ def decode_response(data: bytes) -> pb.AnalyzeResponse | RawChunk:
     return _single_chunk(data, 0x12) or pb.AnalyzeResponse.FromString(data)
 
 
-
-
 class Assembler:
     """Feeds an Analyze stream's messages in order into preallocated arrays (via Frames).
 
@@ -141,9 +141,9 @@ class Assembler:
     the summary. Anything else raises GradtapError(DATA_LOSS).
     """
 
-    def __init__(self, model: str) -> None:
+    def __init__(self, model: str, region: SharedRegion | None = None) -> None:
         self._model = model
-        self._frames = Frames()
+        self._frames = Frames(region)
         self._summary: pb.AnalyzeSummary | None = None
 
     def feed(self, message: pb.AnalyzeResponse | RawChunk) -> None:
@@ -182,6 +182,7 @@ class Assembler:
                     "total_ms": s.timings.total_ms,
                 },
                 "bytes_received": self._frames.received,
+                "transport": "shared_memory" if self._frames.in_region else "stream",
             },
         )
         outputs: dict[int, np.ndarray] = {}

@@ -44,6 +44,7 @@ from ._result import (
     model_info,
 )
 from ._retry import DEFAULT_RETRIES, Resend
+from ._shm import Regions, SharedRegion
 from ._target import Target, as_float32
 
 __all__ = ["Client", "GradtapError", "Objective", "Result"]
@@ -85,6 +86,7 @@ class Client:
         self._timeout = timeout
         self._metadata = call_metadata(token)
         self._retries = retries
+        self._region_sizes: dict[str, int] = {}
 
     async def __aenter__(self) -> Client:
         return self
@@ -140,6 +142,7 @@ class Client:
         param_grads: Sequence[str] = (),
         digest: str | None = None,
         precision: str = "full",
+        shared_memory: bool | SharedRegion = False,
         timeout: float | None = None,
     ) -> Result:
         """Runs one forward and backward pass; see gradtap.client.Client.analyze."""
@@ -156,19 +159,26 @@ class Client:
             param_grads=param_grads,
         )
         resend = Resend(self._retries)
-        while True:
-            assembler = Assembler(model)
-            try:
-                call = self._analyze(
-                    request, timeout=self._deadline(timeout), metadata=self._metadata
-                )
-                async for message in resend.watch_async(call):
-                    assembler.feed(message)
-            except grpc.RpcError as e:
-                if resend.again(e):
-                    continue
-                raise from_rpc_error(e) from None
-            return as_float32(assembler.result(), targets)
+        regions = Regions(shared_memory, self._region_sizes, model)
+        try:
+            while True:
+                assembler = Assembler(model, regions.open(request))
+                try:
+                    call = self._analyze(
+                        request, timeout=self._deadline(timeout), metadata=self._metadata
+                    )
+                    async for message in resend.watch_async(call):
+                        assembler.feed(message)
+                except grpc.RpcError as e:
+                    if resend.again(e):
+                        continue
+                    error = from_rpc_error(e)
+                    if regions.grow(error):
+                        continue
+                    raise error from None
+                return as_float32(assembler.result(), targets)
+        finally:
+            regions.close()
 
     def analyze_many(
         self,

@@ -400,6 +400,14 @@ def serve(
             help="Refuse, before any work, a call whose result would be larger.",
         ),
     ] = 2 << 30,
+    shared_memory: Annotated[
+        bool,
+        typer.Option(
+            "--shared-memory",
+            help="Let callers on this host have Analyze results written into shared memory "
+            "they created, instead of streamed (docs/shared-memory.md).",
+        ),
+    ] = False,
     otel: Annotated[
         bool,
         typer.Option(
@@ -454,6 +462,7 @@ def serve(
         max_batch_size=max_batch_size,
         batch_timeout_us=batch_timeout_us,
         max_result_bytes=max_result_bytes,
+        shared_memory=shared_memory,
         tracing=otel,
     )
     bracketed = f"[{host}]" if ":" in host and not host.startswith("[") else host

@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from gradtap.v1 import gradtap_pb2 as pb
 
-from . import tracing
+from . import shm, tracing
 from .admission import Admission
 from .batching import Batcher
 from .engine import Engine
@@ -65,6 +65,8 @@ class Settings:
     # Dynamic batching (server/batching.py); max_batch_size 1 turns it off.
     max_batch_size: int = 16
     batch_timeout_us: int = 2000
+    # The same-host transport (server/shm.py): off unless asked for.
+    shared_memory: bool = False
 
 
 def _interceptors(settings: Settings) -> list[grpc.ServerInterceptor]:
@@ -76,9 +78,7 @@ def _interceptors(settings: Settings) -> list[grpc.ServerInterceptor]:
     if settings.auth_token_file is not None:
         chain.append(TokenAuth.from_file(settings.auth_token_file))
     chain.append(
-        Admission(
-            settings.max_concurrent_requests, settings.max_queue, settings.max_call_seconds
-        )
+        Admission(settings.max_concurrent_requests, settings.max_queue, settings.max_call_seconds)
     )
     return chain
 
@@ -147,6 +147,8 @@ def start(
     """
     settings = settings or Settings()
     device = resolve_device(settings.device)
+    if settings.shared_memory and not shm.DIRECTORY.is_dir():
+        raise ValueError(f"--shared-memory needs {shm.DIRECTORY} (a Linux host)")
     registry = Registry(device)
     engine = Engine(device)
     interceptors = _interceptors(settings)
@@ -179,10 +181,14 @@ def start(
         observe=observability.observe_batch,
     )
     servicer = GradientServicer(
-        registry, engine, Limits(
+        registry,
+        engine,
+        Limits(
             max_tensor_elements=settings.max_tensor_elements,
             max_result_bytes=settings.max_result_bytes,
-        ), batcher
+            shared_memory=settings.shared_memory,
+        ),
+        batcher,
     )
     add_to_server(servicer, server)
     health_servicer = health.HealthServicer()

@@ -34,28 +34,33 @@ def _size(dim: Dim, bound: dict[str, int]) -> int:
     return dim.max if dim.max is not None else 0
 
 
-def result_bytes(model: Model, analysis: Analysis) -> int:
-    """The bytes the result will hold: captured tensors, input and parameter gradients,
-    outputs. Reduced targets count as nothing (their results are small)."""
+def tensor_bytes(model: Model, analysis: Analysis) -> list[int]:
+    """The bytes of each tensor the result will hold: captured tensors, input and parameter
+    gradients, outputs. Reduced targets are left out (their results are small)."""
     bound = _bindings(model, analysis.inputs)
-    total = 0
+    sizes = []
     for target in analysis.targets:
         node = Engine.resolve(model, target.name)
         if node is None or target.reduction is not None:
             continue
         spec = model.nodes[node].spec
         nbytes = math.prod(_size(d, bound) for d in spec.dims) * spec.dtype.itemsize
-        total += nbytes * (int(target.activation) + int(target.gradient))
+        sizes += [nbytes] * (int(target.activation) + int(target.gradient))
     if analysis.input_gradients:
-        total += sum(t.numel() * t.element_size() for t in analysis.inputs if t.is_floating_point())
+        sizes += [t.numel() * t.element_size() for t in analysis.inputs if t.is_floating_point()]
     if analysis.outputs:
         for spec in model.outputs:
-            total += math.prod(_size(d, bound) for d in spec.dims) * spec.dtype.itemsize
+            sizes.append(math.prod(_size(d, bound) for d in spec.dims) * spec.dtype.itemsize)
     wanted = set(analysis.param_grads)
     for name, value, is_param in model.state:
         if is_param and ("*" in wanted or name in wanted):
-            total += value.numel() * value.element_size()
-    return total
+            sizes.append(value.numel() * value.element_size())
+    return sizes
+
+
+def result_bytes(model: Model, analysis: Analysis) -> int:
+    """The bytes the result will hold (see tensor_bytes)."""
+    return sum(tensor_bytes(model, analysis))
 
 
 def check(model: Model, analysis: Analysis, limit: int) -> None:

@@ -24,16 +24,25 @@ class RequestError(Exception):
     """A request the server refuses, with a message safe to show the caller.
 
     `reason` is an UPPER_SNAKE machine-readable cause; `field` names the offending request
-    field (e.g. "targets[2].name") when there is one.
+    field (e.g. "targets[2].name") when there is one; `metadata` holds machine-readable
+    facts the caller can act on (sent as ErrorInfo.metadata).
     """
 
     kind = Kind.INTERNAL
 
-    def __init__(self, message: str, *, reason: str, field: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str,
+        field: str | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.reason = reason
         self.field = field
+        self.metadata = metadata or {}
 
 
 class InvalidArgument(RequestError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -22,7 +23,7 @@ from grpc_status import rpc_status
 from gradtap.v1 import gradtap_pb2 as pb
 from gradtap.v1 import gradtap_pb2_grpc as pb_grpc
 
-from . import budget, deadline, many, method_wire, wire
+from . import budget, deadline, many, method_wire, shm, wire
 from .adversarial import perturb
 from .attribution import attribute
 from .batching import Batcher
@@ -54,7 +55,11 @@ def status_for(error: RequestError) -> grpc.Status:
     code = _CODES[error.kind]
     details = []
     info = any_pb2.Any()
-    info.Pack(error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN))
+    info.Pack(
+        error_details_pb2.ErrorInfo(
+            reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata
+        )
+    )
     details.append(info)
     if error.field:
         bad = any_pb2.Any()
@@ -156,6 +161,8 @@ class Limits:
 
     max_tensor_elements: int = 1 << 28
     max_result_bytes: int = 2 << 30
+    shared_memory: bool = False
+    """Whether callers on this host may have results written into their shared memory."""
 
 
 _CAPTURES = {
@@ -262,24 +269,56 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         analysis = self._analysis(request)
         self.engine.check_inputs(model, analysis.inputs)
         budget.check(model, analysis, self.limits.max_result_bytes)
-        decode_ms = (time.perf_counter() - started) * 1e3
-        with deadline.time_limit(context) as should_stop:
-            outcome = self.run(model, analysis, should_stop=should_stop)
-        timings = dict(outcome.timings, decode_ms=decode_ms)
-        timings["total_ms"] = (time.perf_counter() - started) * 1e3
-        summary = pb.AnalyzeSummary(
-            loss=outcome.loss,
-            model_digest=model.digest,
-            device=outcome.device,
-            timings=pb.Timings(**timings),
-            torch_version=torch.__version__,
-            replica=self.replica,
-            tensor_count=len(outcome.tensors),
-            batch_size=outcome.batch_size,
-            precision=outcome.precision,
+        with contextlib.ExitStack() as stack:
+            region = None
+            if request.HasField("shared_memory"):
+                region = stack.enter_context(self._region(request, model, analysis, context))
+            decode_ms = (time.perf_counter() - started) * 1e3
+            with deadline.time_limit(context) as should_stop:
+                outcome = self.run(model, analysis, should_stop=should_stop)
+            timings = dict(outcome.timings, decode_ms=decode_ms)
+            timings["total_ms"] = (time.perf_counter() - started) * 1e3
+            summary = pb.AnalyzeSummary(
+                loss=outcome.loss,
+                model_digest=model.digest,
+                device=outcome.device,
+                timings=pb.Timings(**timings),
+                torch_version=torch.__version__,
+                replica=self.replica,
+                tensor_count=len(outcome.tensors),
+                batch_size=outcome.batch_size,
+                precision=outcome.precision,
+            )
+            header = wire.header(outcome.tensors)
+            if region is not None:
+                offsets = region.write(list(wire.on_host([c.tensor for c in outcome.tensors])))
+                header.shared_memory = True
+                for tensor, offset in zip(header.tensors, offsets):
+                    tensor.region_offset = offset
+                yield pb.AnalyzeResponse(header=header, summary=summary)
+                return
+        yield from wire.frames(outcome.tensors, pb.AnalyzeResponse(header=header), summary)
+
+    def _region(
+        self,
+        request: pb.AnalyzeRequest,
+        model: Model,
+        analysis: Analysis,
+        context: grpc.ServicerContext,
+    ) -> contextlib.AbstractContextManager[shm.Region]:
+        """Checks the caller's shared-memory region before any work, and opens it."""
+        ask = shm.RegionRequest(
+            name=request.shared_memory.name,
+            size=request.shared_memory.size,
+            token=request.shared_memory.token,
         )
-        first = pb.AnalyzeResponse(header=wire.header(outcome.tensors))
-        yield from wire.frames(outcome.tensors, first, summary)
+        shm.check_request(
+            ask, enabled=self.limits.shared_memory, local=shm.is_local(context.peer())
+        )
+        _, needed = shm.layout(budget.tensor_bytes(model, analysis))
+        if needed > ask.size:
+            raise shm.too_small(ask, needed)
+        return shm.opened(ask)
 
     @_status_mapped
     def AnalyzeMany(

@@ -34,7 +34,7 @@ def test_every_flag_maps_onto_its_setting(
             "--max-concurrent-requests", "3", "--max-queue", "7", "--max-call-seconds", "12.5",
             "--tls-cert", str(files["cert.pem"]), "--tls-key", str(files["key.pem"]),
             "--tls-client-ca", str(files["ca.pem"]), "--auth-token-file", str(files["tokens"]),
-            "--metrics-port", "9091",
+            "--metrics-port", "9091", "--shared-memory",
         ],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -48,6 +48,7 @@ def test_every_flag_maps_onto_its_setting(
     assert settings.tls_client_ca == files["ca.pem"]
     assert settings.auth_token_file == files["tokens"]
     assert settings.metrics_port == 9091
+    assert settings.shared_memory is True
 
 
 def test_the_defaults_are_the_settings_defaults(served: list[tuple[str, Settings]]) -> None:
@@ -55,7 +56,8 @@ def test_the_defaults_are_the_settings_defaults(served: list[tuple[str, Settings
     assert result.exit_code == 0, result.output
     ((_, settings),) = served
     defaults = Settings()
-    for name in ("max_concurrent_requests", "max_queue", "max_call_seconds", "metrics_port"):
+    names = ("max_concurrent_requests", "max_queue", "max_call_seconds", "metrics_port")
+    for name in (*names, "shared_memory"):
         assert getattr(settings, name) == getattr(defaults, name), name
 
 

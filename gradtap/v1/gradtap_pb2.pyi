@@ -1076,6 +1076,7 @@ class AnalyzeRequest(_message.Message):
     OUTPUTS_FIELD_NUMBER: _builtins.int
     PARAM_GRADS_FIELD_NUMBER: _builtins.int
     PRECISION_FIELD_NUMBER: _builtins.int
+    SHARED_MEMORY_FIELD_NUMBER: _builtins.int
     input_gradients: _builtins.bool
     """Also return the gradient with respect to every floating-point input."""
     outputs: _builtins.bool
@@ -1104,6 +1105,13 @@ class AnalyzeRequest(_message.Message):
         (DescribeModel lists them). Needs an objective.
         """
 
+    @_builtins.property
+    def shared_memory(self) -> Global___SharedMemoryRegion:
+        """Same host only, and only where the server enables it: write the result's tensor bytes
+        into this region instead of streaming them (docs/shared-memory.md). The header then
+        gives each tensor's offset in the region and no chunks follow.
+        """
+
     def __init__(
         self,
         *,
@@ -1115,14 +1123,51 @@ class AnalyzeRequest(_message.Message):
         outputs: _builtins.bool = ...,
         param_grads: _abc.Iterable[_builtins.str] | None = ...,
         precision: Global___Precision.ValueType = ...,
+        shared_memory: Global___SharedMemoryRegion | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "objective", b"objective"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "objective", b"objective", "shared_memory", b"shared_memory"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["input_gradients", b"input_gradients", "inputs", b"inputs", "model", b"model", "objective", b"objective", "outputs", b"outputs", "param_grads", b"param_grads", "precision", b"precision", "targets", b"targets"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["input_gradients", b"input_gradients", "inputs", b"inputs", "model", b"model", "objective", b"objective", "outputs", b"outputs", "param_grads", b"param_grads", "precision", b"precision", "shared_memory", b"shared_memory", "targets", b"targets"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AnalyzeRequest: _TypeAlias = AnalyzeRequest  # noqa: Y015
+
+@_typing.final
+class SharedMemoryRegion(_message.Message):
+    """A POSIX shared-memory object that the client created, sized and owns."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The object's name without the leading slash (/dev/shm/<name> on Linux): "gradtap-"
+    followed by 8 to 128 letters, digits, '_' or '-'.
+    """
+    size: _builtins.int
+    """The object's size in bytes, as the client created it. The server refuses an object of
+    any other size and never writes past it.
+    """
+    token: _builtins.bytes
+    """16 to 64 random bytes the client wrote at offset 0 of the region, proving that the
+    caller can read the region. Tensor bytes start at offset 64 or later.
+    """
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        size: _builtins.int = ...,
+        token: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "size", b"size", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SharedMemoryRegion: _TypeAlias = SharedMemoryRegion  # noqa: Y015
 
 @_typing.final
 class TensorHeader(_message.Message):
@@ -1139,6 +1184,7 @@ class TensorHeader(_message.Message):
     BYTE_SIZE_FIELD_NUMBER: _builtins.int
     REDUCTION_FIELD_NUMBER: _builtins.int
     REDUCED_SHAPE_FIELD_NUMBER: _builtins.int
+    REGION_OFFSET_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Identifies the tensor's chunks within this stream: 0, 1, 2, ... in header order."""
     role: Global___TensorRole.ValueType
@@ -1151,6 +1197,10 @@ class TensorHeader(_message.Message):
     """Element type of the bytes that follow."""
     byte_size: _builtins.int
     """Total size in bytes: product(shape) * width(dtype)."""
+    region_offset: _builtins.int
+    """With shared memory (AnalyzeHeader.shared_memory): where the tensor's bytes start in
+    the region, a multiple of 64.
+    """
     @_builtins.property
     def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Shape of the tensor."""
@@ -1179,10 +1229,11 @@ class TensorHeader(_message.Message):
         byte_size: _builtins.int = ...,
         reduction: Global___Reduction | None = ...,
         reduced_shape: _abc.Iterable[_builtins.int] | None = ...,
+        region_offset: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["reduction", b"reduction"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["byte_size", b"byte_size", "dtype", b"dtype", "id", b"id", "index", b"index", "name", b"name", "reduced_shape", b"reduced_shape", "reduction", b"reduction", "role", b"role", "shape", b"shape"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["byte_size", b"byte_size", "dtype", b"dtype", "id", b"id", "index", b"index", "name", b"name", "reduced_shape", b"reduced_shape", "reduction", b"reduction", "region_offset", b"region_offset", "role", b"role", "shape", b"shape"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1196,8 +1247,13 @@ class AnalyzeHeader(_message.Message):
 
     TENSORS_FIELD_NUMBER: _builtins.int
     TOTAL_BYTES_FIELD_NUMBER: _builtins.int
+    SHARED_MEMORY_FIELD_NUMBER: _builtins.int
     total_bytes: _builtins.int
     """Sum of the tensors' byte sizes."""
+    shared_memory: _builtins.bool
+    """The tensors' bytes are already in the request's shared-memory region, at each
+    header's region_offset; no chunks follow.
+    """
     @_builtins.property
     def tensors(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorHeader]:
         """The tensors, in the order their chunks will arrive."""
@@ -1207,10 +1263,11 @@ class AnalyzeHeader(_message.Message):
         *,
         tensors: _abc.Iterable[Global___TensorHeader] | None = ...,
         total_bytes: _builtins.int = ...,
+        shared_memory: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["tensors", b"tensors", "total_bytes", b"total_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["shared_memory", b"shared_memory", "tensors", b"tensors", "total_bytes", b"total_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
