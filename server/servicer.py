@@ -7,7 +7,9 @@ import functools
 import inspect
 import logging
 import os
+import queue
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -211,6 +213,28 @@ def add_to_server(servicer: pb_grpc.GradientServiceServicer, server: grpc.Server
     server.add_registered_method_handlers(service.full_name, handlers)
 
 
+class _Graveyard:
+    """Frees results on a thread of its own, once their call has ended.
+
+    Freeing a big tensor costs about 15 ms per 256 MiB (the pages go back to the kernel).
+    Done by the handler, that would sit between a call's last message and its status, which
+    is when the client's call completes.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        threading.Thread(target=self._run, name="gradtap-release", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            value = self._queue.get()
+            del value
+
+    def keep_until_done(self, context: grpc.ServicerContext, value: object) -> None:
+        """Holds `value` until the call has ended, then frees it here."""
+        context.add_callback(functools.partial(self._queue.put, value))
+
+
 def replica_id() -> str:
     """This process, as "<host>:<pid>"."""
     return f"{socket.gethostname()}:{os.getpid()}"
@@ -231,6 +255,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         self.run = batcher.analyze if batcher is not None else engine.analyze
         self.limits = limits or Limits()
         self.replica = replica_id()
+        self._graveyard = _Graveyard()
 
     @_status_mapped
     def ListModels(
@@ -276,6 +301,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
             decode_ms = (time.perf_counter() - started) * 1e3
             with deadline.time_limit(context) as should_stop:
                 outcome = self.run(model, analysis, should_stop=should_stop)
+            self._graveyard.keep_until_done(context, outcome)
             timings = dict(outcome.timings, decode_ms=decode_ms)
             timings["total_ms"] = (time.perf_counter() - started) * 1e3
             summary = pb.AnalyzeSummary(
