@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         server = None
         try:
             if NEEDS_MAIN_SERVER & set(args.sections):
-                server = GradtapServer(cfg.threads, main_repo)
+                server = GradtapServer(cfg.threads, main_repo, extra=["--shared-memory"])
                 results["config"]["main_server"] = " ".join(["gradtap", *server.command[1:]])
             for name in args.sections:
                 if name == "overhead":

@@ -15,6 +15,7 @@ from .models import REPEAT_WIDTH, repeat_name
 
 TARGET_GBPS = 2.5
 TARGET_SOCKET_RATIO = 0.8
+TARGET_SHM_GBPS = 5.0
 
 
 class SocketClient:
@@ -41,6 +42,12 @@ class SocketClient:
         self.sock.close()
 
 
+def shm_available() -> bool:
+    from gradtap.client._shm import DIRECTORY
+
+    return DIRECTORY.is_dir()
+
+
 def socket_server(max_bytes: int, threads: int) -> Child:
     return Child(
         [sys.executable, "-m", "bench._socket_server", str(max_bytes)],
@@ -51,7 +58,7 @@ def socket_server(max_bytes: int, threads: int) -> Child:
 
 
 def run(cfg: Config, address: str) -> Section:
-    from gradtap.client import Client
+    from gradtap.client import Client, SharedRegion
 
     section = Section("transport")
     size = cfg.transport_bytes
@@ -61,24 +68,33 @@ def run(cfg: Config, address: str) -> Section:
     sock = SocketClient(peer.match.group(1))
     source = np.ones(size, dtype=np.uint8)
     reused = np.empty(size, dtype=np.uint8)
-    server_ms: list[float] = []
+    server_ms: dict[str, list[float]] = {"gradtap": [], "shm_reused": [], "shm_fresh": []}
     last: dict[str, Any] = {}
+    region = SharedRegion(size + 4096) if shm_available() else None
     try:
         with Client(address, timeout=600) as client:
 
-            def gradtap() -> None:
-                r = client.analyze(model, x, outputs=True)
-                server_ms.append(r.metadata["timings"]["total_ms"])
+            def call(key: str, shared_memory: Any = False) -> None:
+                r = client.analyze(model, x, outputs=True, shared_memory=shared_memory)
+                server_ms[key].append(r.metadata["timings"]["total_ms"])
                 last["r"] = r
 
-            gradtap()
-            out = last.pop("r").outputs[0]
-            if out.nbytes != size or not np.array_equal(out[-1], x[0]):
-                raise AssertionError("gradtap returned the wrong result")
-            del out
+            variants = {"gradtap": lambda: call("gradtap")}
+            if region is not None:
+                variants["shm_reused"] = lambda: call("shm_reused", region)
+                variants["shm_fresh"] = lambda: call("shm_fresh", True)
+            for key, fn in variants.items():
+                fn()
+                r = last.pop("r")
+                out = r.outputs[0]
+                if out.nbytes != size or not np.array_equal(out[-1], x[0]):
+                    raise AssertionError(f"gradtap ({key}) returned the wrong result")
+                if key != "gradtap" and r.metadata["transport"] != "shared_memory":
+                    raise AssertionError("the server did not write into shared memory")
+                del out, r
             series = interleaved(
                 {
-                    "gradtap": gradtap,
+                    **variants,
                     "socket_fresh": lambda: sock.fetch(size),
                     "socket_reused": lambda: sock.fetch(size, reused),
                     "np_copy": lambda: np.copy(source),
@@ -93,6 +109,8 @@ def run(cfg: Config, address: str) -> Section:
     finally:
         sock.close()
         peer.stop()
+        if region is not None:
+            region.close()
     gbps = {k: [size / t / GB for t in v] for k, v in series.items()}
     # The baseline, as the issue defines it: recv_into a buffer allocated beforehand.
     base = series["socket_reused"]
@@ -108,7 +126,7 @@ def run(cfg: Config, address: str) -> Section:
         ratio_to_socket_fresh_buffer=stats(ratios(series["socket_fresh"], series["gradtap"])),
         ratio_to_np_copy=stats(ratios(series["np_copy"], series["gradtap"])),
     )
-    timed_server_ms = server_ms[-len(series["gradtap"]) :]
+    timed_server_ms = server_ms["gradtap"][-len(series["gradtap"]) :]
     section.row("gradtap server's compute time (timings.total_ms)", "ms", timed_server_ms)
     transport_s = [t - ms / 1e3 for t, ms in zip(series["gradtap"], timed_server_ms)]
     section.row(
@@ -118,6 +136,30 @@ def run(cfg: Config, address: str) -> Section:
         ratio=ratios(base, transport_s),
         ratio_to=base_name,
     )
+    shm_transport: dict[str, list[float]] = {}
+    for key, text in (
+        ("shm_reused", "a SharedRegion reused across calls"),
+        ("shm_fresh", "a fresh region per call (shared_memory=True)"),
+    ):
+        if key not in series:
+            section.unavailable(f"shared memory, {text}", "this host has no /dev/shm")
+            continue
+        section.row(
+            f"shared memory, {text}: end to end",
+            "GB/s",
+            gbps[key],
+            ratio=ratios(base, series[key]),
+            ratio_to=base_name,
+        )
+        ms = server_ms[key][-len(series[key]) :]
+        shm_transport[key] = [t - m / 1e3 for t, m in zip(series[key], ms)]
+        section.row(
+            f"shared memory, {text}: transport only (end to end minus server compute)",
+            "GB/s",
+            [size / t / GB for t in shm_transport[key] if t > 0],
+            ratio=ratios(base, shm_transport[key]),
+            ratio_to=base_name,
+        )
     for key, text in (
         ("socket_reused", "plain TCP socket, recv_into a preallocated buffer (baseline)"),
         ("socket_fresh", "plain TCP socket, recv_into a fresh np.empty per transfer"),
@@ -137,12 +179,24 @@ def run(cfg: Config, address: str) -> Section:
         r >= TARGET_SOCKET_RATIO,
         "x",
     )
+    if "shm_reused" in shm_transport:
+        s = stats([size / t / GB for t in shm_transport["shm_reused"] if t > 0])["median"]
+        section.target(
+            "shared memory (reused region), transport only",
+            f">= {TARGET_SHM_GBPS:g} GB/s",
+            s,
+            s >= TARGET_SHM_GBPS,
+            "GB/s",
+        )
     section.notes.append(
         f"{size / 2**20:.0f} MiB float32 result of `x.repeat({size // (4 * REPEAT_WIDTH)}, 1)`; "
         "the server's compute (making the tensor) is inside the end-to-end time and shown on "
         "its own row. The socket baseline receives into a buffer allocated once, before "
         "timing; gradtap's client must allocate a fresh array per result (the caller keeps "
         "it), so the fresh-np.empty socket row shows what that page-faulting alone costs. "
+        "Shared memory (`gradtap serve --shared-memory`, docs/shared-memory.md): the server "
+        "pwrite()s the result into a region the client made in /dev/shm, and the client's "
+        "arrays are views of it; a fresh region per call pays for allocating its pages. "
         "GB = 1e9 bytes."
     )
     return section

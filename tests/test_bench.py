@@ -78,6 +78,7 @@ def test_baselines_are_measured_in_the_same_run_as_what_they_judge(
     assert any("health Check" in n for n in names["small_calls"])
     assert any("plain TCP socket" in n for n in names["transport"])
     assert any("np.copy" in n for n in names["transport"])
+    assert any("shared memory" in n for n in names["transport"])
     assert any("in-process sequential" in n for n in names["batching"])
     assert any("Captum" in n for n in names["peers"])
     assert any("naive unary gRPC, raw bytes" in n for n in names["peers"])
