@@ -208,6 +208,16 @@ def test_a_caller_from_another_host_is_refused() -> None:
     assert (caught.value.reason, caught.value.field) == ("SHARED_MEMORY_NOT_LOCAL", "shared_memory")
 
 
+def test_a_caller_over_a_unix_socket_is_local(tmp_path: Path) -> None:
+    address = f"unix:{tmp_path / 'gradtap.sock'}"
+    running = start(address, Settings(device="cpu", shared_memory=True))
+    try:
+        with Client(address, timeout=60) as c:
+            assert analyze(c, shared_memory=True).metadata["transport"] == "shared_memory"  # type: ignore[attr-defined]
+    finally:
+        running.server.stop(None).wait()
+
+
 def _call(port: int, region: pb.SharedMemoryRegion) -> grpc.RpcError:
     """Sends an Analyze naming `region` as any client could, and returns its error."""
     request = pb.AnalyzeRequest(
