@@ -117,6 +117,7 @@ class Running:
     metrics_port: int | None = None
     metrics_server: WSGIServer | None = None
     batcher: Batcher | None = None
+    servicer: GradientServicer | None = None
 
     def set_serving(self, serving: bool) -> None:
         status = (
@@ -131,6 +132,8 @@ class Running:
         """Turns health NOT_SERVING, refuses new calls and lets in-flight ones finish."""
         self.set_serving(False)
         self.server.stop(grace).wait()
+        if self.servicer is not None:
+            self.servicer.close()
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
             self.metrics_server.server_close()
@@ -204,7 +207,12 @@ def start(
     if port == 0:
         raise OSError(f"could not bind {address}")
     running = Running(
-        server=server, port=port, health=health_servicer, registry=registry, batcher=batcher
+        server=server,
+        port=port,
+        health=health_servicer,
+        registry=registry,
+        batcher=batcher,
+        servicer=servicer,
     )
     if settings.metrics_port is not None:
         running.metrics_server = start_metrics(
