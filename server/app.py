@@ -260,5 +260,8 @@ def serve(address: str, settings: Settings) -> None:
         f"{running.port}",
         flush=True,
     )
-    stopping.wait()
+    # Poll rather than block: the kernel may deliver SIGTERM to any thread, and then nothing
+    # interrupts a main thread blocked on a lock, so its Python handler would never run.
+    while not stopping.wait(0.2):
+        pass
     running.drain(settings.grace_seconds)
