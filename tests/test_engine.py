@@ -11,9 +11,9 @@ import torch
 from gradtap.client import Client, GradtapError, Objective
 from gradtap.server import budget
 from gradtap.server.app import Settings, start
-from gradtap.server.engine import Analysis, Engine, Outcome, Target
+from gradtap.server.engine import Analysis, Engine, Outcome, Role, Target
 from gradtap.server.engine import Objective as EngineObjective
-from gradtap.server.errors import Cancelled
+from gradtap.server.errors import Cancelled, InvalidArgument
 from gradtap.server.models import Registry, builtin_module, export_builtin
 from torch import nn
 
@@ -178,3 +178,35 @@ def test_sets_past_the_compiled_ones_run_interpreted_with_the_same_numbers() -> 
         for a, b in zip(interpreted.tensors, compiled.tensors):
             assert (a.role, a.name) == (b.role, b.name)
             assert torch.equal(a.tensor, b.tensor)
+
+
+def test_a_repeated_request_shape_reuses_its_plan_and_errors_stay_per_call() -> None:
+    """Plans are kept per model and request shape: the numbers match a fresh engine's, the
+    objective's site still counts, and refused requests are refused every time."""
+    registry = Registry(torch.device("cpu"))
+    model = registry.add("mlp", "test", export_builtin("seed-mlp"))
+    engine = Engine(torch.device("cpu"))
+    x = torch.randn(2, 784, generator=torch.Generator().manual_seed(2))
+    targets = [Target("relu_1", activation=True)]
+
+    def analysis(objective: EngineObjective | None) -> Analysis:
+        return Analysis([x.clone()], targets, objective, input_gradients=True, outputs=True)
+
+    fresh = Engine(torch.device("cpu")).analyze(model, analysis(EngineObjective("sum")))
+    for _ in range(3):
+        again = engine.analyze(model, analysis(EngineObjective("sum")))
+        assert [(c.role, c.name, c.index) for c in again.tensors] == [
+            (c.role, c.name, c.index) for c in fresh.tensors
+        ]
+        assert all(torch.equal(a.tensor, b.tensor) for a, b in zip(again.tensors, fresh.tensors))
+        assert again.loss == fresh.loss
+    at_node = engine.analyze(model, analysis(EngineObjective("sum", node="relu_1")))
+    (gradient,) = [c.tensor for c in at_node.tensors if c.role == Role.GRADIENT]
+    assert torch.equal(gradient, torch.ones_like(gradient))  # d sum(relu_1) / d relu_1
+    for _ in range(2):
+        with pytest.raises(InvalidArgument) as info:
+            engine.analyze(model, analysis(None))
+        assert info.value.reason == "OBJECTIVE_REQUIRED"
+        with pytest.raises(InvalidArgument) as info:
+            engine.analyze(model, analysis(EngineObjective("sum", output=5)))
+        assert info.value.reason == "UNKNOWN_OUTPUT"
