@@ -13,9 +13,9 @@ Everything else runs alone, unchanged.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -63,6 +63,33 @@ def mixes_samples(model: Model, symbol: str) -> bool:
     return False
 
 
+_SITES_KEPT = 4096
+"""Eligibility answers kept, over all models (cleared when full)."""
+
+
+def _batch_first(
+    model: Model, symbol: str, targets: tuple[str, ...], site: tuple[str, int] | None
+) -> bool | None:
+    """True when every targeted node, the objective's site and every output carry the batch
+    dimension first. None for an unknown name or output: such requests run alone (and fail
+    there), and neither keys nor the cache of answers ever hold what does not resolve."""
+    nodes = [Engine.resolve(model, name) for name in targets]
+    if site is not None:
+        site_node, output = site
+        if site_node:
+            nodes.append(Engine.resolve(model, site_node))
+        elif output >= len(model.outputs):
+            return None
+    for node in nodes:
+        info = model.nodes.get(node or "")
+        if info is None:
+            return None
+        if not info.spec.dims or info.spec.dims[0].symbol != symbol:
+            return False
+    sited = [] if site is None or site[0] else [model.outputs[site[1]]]
+    return all(s.dims and s.dims[0].symbol == symbol for s in [*model.outputs, *sited])
+
+
 @dataclass
 class _Pending:
     analysis: Analysis
@@ -103,10 +130,13 @@ class Batcher:
         self._lock = threading.Lock()
         self._queues: dict[tuple[Any, ...], _Queue] = {}
         self._symbols: dict[str, str | None] = {}
+        self._batched_sites: dict[tuple[Any, ...], bool] = {}
+        """(model, digest, target names, objective site) -> whether all carry the batch dim;
+        only for names that resolve."""
         self._active = 0
         self._window = max(0.01, 5 * self.timeout)
-        self._recent: deque[tuple[float, int]] = deque()
-        """(arrival time, requests in flight at that moment) over the last window."""
+        self._overlapped_at = -math.inf
+        """When a request last arrived with another one in flight."""
 
     # -- eligibility ------------------------------------------------------------------------
 
@@ -134,30 +164,30 @@ class Batcher:
         rows = {t.shape[0] for t in analysis.inputs}
         if len(rows) != 1 or rows.pop() >= self.max_batch_size:
             return None
-        nodes = [self.engine.resolve(model, t.name) for t in analysis.targets]
         objective = analysis.objective
-        if objective is not None:
-            if objective.node:
-                nodes.append(self.engine.resolve(model, objective.node))
-            elif objective.output >= len(model.outputs):
-                return None
-            if objective.tensor is not None and (
+        if objective is not None and objective.tensor is not None:
+            if (
                 objective.tensor.dim() == 0
                 or objective.tensor.shape[0] != analysis.inputs[0].shape[0]
             ):
                 return None
-        # Unknown names run alone (and fail there): keys only ever hold resolved nodes.
-        for node in nodes:
-            info = model.nodes.get(node or "")
-            if info is None or not info.spec.dims or info.spec.dims[0].symbol != symbol:
+        targets = tuple((t.name, t.activation, t.gradient) for t in analysis.targets)
+        site = None if objective is None else (objective.node, objective.output)
+        sites = (model.name, model.digest, tuple(name for name, _, _ in targets), site)
+        batched = self._batched_sites.get(sites)
+        if batched is None:
+            batched = _batch_first(model, symbol, sites[2], site)
+            if batched is None:
                 return None
-        sited = [] if objective is None or objective.node else [model.outputs[objective.output]]
-        if any(not s.dims or s.dims[0].symbol != symbol for s in [*model.outputs, *sited]):
+            if len(self._batched_sites) >= _SITES_KEPT:
+                self._batched_sites.clear()
+            self._batched_sites[sites] = batched
+        if not batched:
             return None
         return (
             model.name,
             model.digest,
-            tuple((t.name, t.activation, t.gradient) for t in analysis.targets),
+            targets,
             None
             if objective is None
             else (objective.kind, objective.output, objective.node, objective.reduction),
@@ -177,18 +207,25 @@ class Batcher:
         key = self._key(model, analysis)
         if key is None:
             return self._alone(model, analysis, should_stop)
-        me = _Pending(analysis, int(analysis.inputs[0].shape[0]), should_stop)
         with self._lock:
-            queue = self._queues.setdefault(key, _Queue(key))
             self._active += 1
             now = time.monotonic()
-            self._recent.append((now, self._active))
-            while self._recent[0][0] < now - self._window:
-                self._recent.popleft()
+            if self._active > 1:
+                self._overlapped_at = now
             # Waiting for companions only pays when requests overlap; a lone caller
             # (no other request in flight lately) runs at once, paying no delay.
-            wait = max(n for _, n in self._recent) > 1
+            wait = self._overlapped_at >= now - self._window
+            queue = self._queues.get(key)
+            if queue is None and wait:
+                queue = self._queues[key] = _Queue(key)
         try:
+            if queue is None:
+                # Alone, with nobody to wait for and no batch of its kind forming: it would
+                # lead a batch of one, so it skips the queue.
+                if should_stop():
+                    raise Cancelled("the call was cancelled", reason="CANCELLED")
+                return self._alone(model, analysis, should_stop)
+            me = _Pending(analysis, int(analysis.inputs[0].shape[0]), should_stop)
             with queue.arrived:
                 queue.pending.append(me)
                 leader = len(queue.pending) == 1
@@ -200,13 +237,13 @@ class Batcher:
                     leader = True
             if leader:
                 self._run(model, self._gather(queue, wait))
+            if me.error is not None:
+                raise me.error
+            assert me.outcome is not None
+            return me.outcome
         finally:
             with self._lock:
                 self._active -= 1
-        if me.error is not None:
-            raise me.error
-        assert me.outcome is not None
-        return me.outcome
 
     def _gather(self, queue: _Queue, wait: bool) -> list[_Pending]:
         """The leader waits for companions, then takes up to max_batch_size rows."""
@@ -252,7 +289,10 @@ class Batcher:
                 live[0].outcome = self._alone(model, live[0].analysis, live[0].should_stop)
             elif live:
                 self._merged(model, live)
-        except RequestError:
+        except RequestError as e:
+            if len(live) == 1:  # it ran alone: the error is its own
+                live[0].error = e
+                return
             # One request's objective did not fit: give each its own answer and error.
             for p in live:
                 try:

@@ -10,7 +10,11 @@ import pytest
 import torch
 from gradtap.client import Client, GradtapError, Objective, Result
 from gradtap.server.app import Running, Settings, start
-from gradtap.server.models import export_builtin
+from gradtap.server.batching import Batcher
+from gradtap.server.engine import Analysis, Engine, Target
+from gradtap.server.engine import Objective as EngineObjective
+from gradtap.server.errors import Cancelled, InvalidArgument
+from gradtap.server.models import Registry, export_builtin
 from torch import nn
 
 from . import models
@@ -220,4 +224,26 @@ def test_refused_and_finished_requests_leave_no_queues_behind(served: Served) ->
             [(lambda: c.analyze("seed-mlp", x, ["relu_1"], Objective.sum())) for _ in range(6)]
         )
     assert all(isinstance(r, Result) for r in results)
+    assert batcher._queues == {}
+
+
+def test_a_lone_request_runs_once_and_a_cancelled_one_not_at_all() -> None:
+    registry = Registry(torch.device("cpu"))
+    model = registry.add("mlp", "test", export_builtin("seed-mlp"))
+    passes: list[int] = []
+    batcher = Batcher(Engine(torch.device("cpu")), observe=passes.append)
+    x = torch.zeros(1, 784)
+
+    def analysis(objective: EngineObjective) -> Analysis:
+        return Analysis([x], [Target("relu_1")], objective)
+
+    ok = batcher.analyze(model, analysis(EngineObjective("sum")), lambda: False)
+    assert ok.batch_size == 1 and passes == [1]
+    with pytest.raises(InvalidArgument) as info:  # logits have 10 entries
+        batcher.analyze(model, analysis(EngineObjective("logit", index=(99,))), lambda: False)
+    assert info.value.reason == "OUT_OF_RANGE"
+    assert passes == [1, 1]  # its own error, from its one pass
+    with pytest.raises(Cancelled):
+        batcher.analyze(model, analysis(EngineObjective("sum")), lambda: True)
+    assert passes == [1, 1]
     assert batcher._queues == {}
