@@ -57,8 +57,15 @@ class Workers:
             child.ready()
 
     def load(
-        self, address: str, model: str, shape: tuple[int, ...], targets: list[str], seconds: float
+        self,
+        server: GradtapServer,
+        model: str,
+        shape: tuple[int, ...],
+        targets: list[str],
+        seconds: float,
     ) -> dict[str, float]:
+        address = server.address
+        cpu_before = [cpu_seconds(server.pid), sum(cpu_seconds(c.pid) for c in self.children)]
         # by then every worker has its command, has connected and made one warm-up call
         start_at = time.time() + 0.25 + 0.05 * len(self.children)
         for i, child in enumerate(self.children):
@@ -76,6 +83,8 @@ class Workers:
             child.process.stdin.write(json.dumps(command) + "\n")
             child.process.stdin.flush()
         answers = [json.loads(child.readline(seconds + 120)) for child in self.children]
+        server_cpu = cpu_seconds(server.pid) - cpu_before[0]
+        clients_cpu = sum(cpu_seconds(c.pid) for c in self.children) - cpu_before[1]
         calls = sum(a["calls"] for a in answers)
         errors = sum(a["errors"] for a in answers)
         elapsed = max(a["end"] for a in answers) - start_at
@@ -88,11 +97,21 @@ class Workers:
             "calls": calls,
             "errors": errors,
             "p50_ms": quantile(latencies, 0.5) * 1e3,
+            # CPU time per served call (the clients' includes one warm-up call each)
+            "server_cpu_ms": server_cpu / max(calls, 1) * 1e3,
+            "clients_cpu_ms": clients_cpu / max(calls, 1) * 1e3,
         }
 
     def stop(self) -> None:
         for child in self.children:
             child.stop()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process has used so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _in_process(
@@ -168,7 +187,7 @@ def run(
                 times = timed_calls(partial(grad, x), 100_000, cfg.batch_seconds, min_count=5)
                 sequential[model].append(len(times) / sum(times))
                 for name, server in servers.items():
-                    load = workers.load(server.address, model, shape, targets, cfg.batch_seconds)
+                    load = workers.load(server, model, shape, targets, cfg.batch_seconds)
                     results.setdefault((model, name), []).append(load)
     finally:
         if workers is not None:
@@ -206,6 +225,8 @@ def run(
                 ratio=ratios(throughput, sequential[model]),
                 ratio_to="in-process sequential",
                 p50_latency_ms=stats([load["p50_ms"] for load in loads])["median"],
+                server_cpu_ms_per_call=stats([load["server_cpu_ms"] for load in loads])["median"],
+                clients_cpu_ms_per_call=stats([load["clients_cpu_ms"] for load in loads])["median"],
                 failed_calls=sum(load["errors"] for load in loads),
                 **extra,
             )
@@ -229,6 +250,25 @@ def run(
         seconds_per_load=cfg.batch_seconds,
         batching_flags_available=available,
     )
+    if available:
+        cpu = {
+            name: {
+                key: stats([load[key] for load in results[(chosen, name)]])["median"]
+                for key in ("server_cpu_ms", "clients_cpu_ms")
+            }
+            for name in variants
+        }
+        section.info["cpu_ms_per_call"] = {chosen: cpu}
+        off, on = cpu["off"], cpu["on"]
+        in_process_ms = 1e3 / stats(sequential[chosen])["median"]
+        section.notes.append(
+            f"CPU time per served {chosen} call (median): the server "
+            f"{off['server_cpu_ms']:.2f} ms with batching off and {on['server_cpu_ms']:.2f} ms "
+            f"with it on; the client processes {off['clients_cpu_ms']:.2f} ms and "
+            f"{on['clients_cpu_ms']:.2f} ms. The computation itself takes {in_process_ms:.2f} "
+            "ms per request in-process, so batching can save only a small share of each served "
+            "call's CPU while the clients and the server share the same cores."
+        )
     section.notes.append(
         f"{cfg.batch_clients} client processes (not threads, which would share one GIL), each "
         f"sending batch-1 requests back to back for {cfg.batch_seconds:g} s per measurement; "
