@@ -3,7 +3,9 @@
 Run as `python -m bench._naive_server`; prints `naive serving on HOST:PORT`. Two methods take an
 8-byte little-endian size N and answer N bytes of float32: `/naive.Tensors/Raw` returns the
 tensor's raw bytes, `/naive.Tensors/TorchSave` returns `torch.save` of it (made per call, as
-such a server would).
+such a server would). Two more give the small-call floor of a bare grpcio server, answering 100
+bytes: `/naive.Tensors/Ping` (unary) and `/naive.Tensors/PingStream` (one streamed message, like
+a small Analyze result).
 """
 
 from __future__ import annotations
@@ -11,11 +13,14 @@ from __future__ import annotations
 import io
 import struct
 import threading
+from collections.abc import Iterator
 from concurrent import futures
 from typing import Any
 
 import grpc
 import torch
+
+PONG = bytes(100)
 
 MESSAGE_LIMIT = (1 << 31) - 1
 """The raised message limit such an approach needs (gRPC's maximum)."""
@@ -37,6 +42,12 @@ class Tensors:
         (size,) = struct.unpack("<Q", request)
         return self.tensor(size).numpy().tobytes()
 
+    def ping(self, request: bytes, context: Any) -> bytes:
+        return PONG
+
+    def ping_stream(self, request: bytes, context: Any) -> Iterator[bytes]:
+        yield PONG
+
     def torch_save(self, request: bytes, context: Any) -> bytes:
         (size,) = struct.unpack("<Q", request)
         buffer = io.BytesIO()
@@ -51,6 +62,8 @@ def main() -> None:
         {
             "Raw": grpc.unary_unary_rpc_method_handler(tensors.raw),
             "TorchSave": grpc.unary_unary_rpc_method_handler(tensors.torch_save),
+            "Ping": grpc.unary_unary_rpc_method_handler(tensors.ping),
+            "PingStream": grpc.unary_stream_rpc_method_handler(tensors.ping_stream),
         },
     )
     server = grpc.server(

@@ -14,15 +14,33 @@ TARGET_P50_MS = 0.6
 
 def run(cfg: Config, address: str) -> Section:
     import grpc
+    import grpc.experimental
     from gradtap.client import Client, Objective
     from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from .peers import naive_server
 
     section = Section("small_calls")
     x = np.random.default_rng(0).standard_normal((1, 784)).astype(np.float32)
     objective = Objective.sum()
-    with Client(address, timeout=60) as client, grpc.insecure_channel(address) as channel:
+    bare = naive_server(cfg.threads)
+    single_threaded = (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1)
+    with (
+        Client(address, timeout=60) as client,
+        grpc.insecure_channel(address) as channel,
+        grpc.insecure_channel(bare.match.group(1), options=[single_threaded]) as bare_channel,
+    ):
         health_stub = health_pb2_grpc.HealthStub(channel)
         check = health_pb2.HealthCheckRequest()
+        ping = bare_channel.unary_unary("/naive.Tensors/Ping")
+        ping_stream = bare_channel.unary_stream("/naive.Tensors/PingStream")
+
+        def bare_unary() -> None:
+            ping(b"", timeout=60)
+
+        def bare_stream() -> None:
+            for _ in ping_stream(b"", timeout=60):
+                pass
 
         def analyze() -> None:
             client.analyze("seed-mlp", x, ["relu_1"], objective)
@@ -37,6 +55,8 @@ def run(cfg: Config, address: str) -> Section:
             "analyze": analyze,
             "health_check": health,
             "list_models": list_models,
+            "bare_unary": bare_unary,
+            "bare_stream": bare_stream,
         }
         for fn in calls.values():
             for _ in range(cfg.small_warmup):
@@ -50,7 +70,7 @@ def run(cfg: Config, address: str) -> Section:
         deadline = time.perf_counter() + cfg.budget_s * 3
         for b in range(blocks):
             names = list(calls)
-            order = names[b % 3 :] + names[: b % 3]
+            order = names[b % len(names) :] + names[: b % len(names)]
             for name in order:
                 fn = calls[name]
                 block: list[float] = []
@@ -65,6 +85,7 @@ def run(cfg: Config, address: str) -> Section:
                 block_p99[name].append(quantile(block, 0.99))
             if time.perf_counter() > deadline:
                 break
+    bare.stop()
     p50 = {k: quantile(v, 0.5) for k, v in latencies.items()}
     p99 = {k: quantile(v, 0.99) for k, v in latencies.items()}
     ratio_blocks = [a / h for a, h in zip(block_p50["analyze"], block_p50["health_check"])]
@@ -72,6 +93,8 @@ def run(cfg: Config, address: str) -> Section:
         "analyze": "gradtap analyze seed-mlp, batch 1, 1 target, sum",
         "health_check": "gRPC health Check (trivial unary, reference)",
         "list_models": "gradtap ListModels (trivial unary)",
+        "bare_unary": "bare grpcio server, no gradtap: unary call, 100 bytes back",
+        "bare_stream": "bare grpcio server, no gradtap: streaming call, one 100-byte message",
     }
     for name, label in labels.items():
         for q, by_block, overall in (("p50", block_p50, p50), ("p99", block_p99, p99)):
@@ -100,6 +123,8 @@ def run(cfg: Config, address: str) -> Section:
     section.notes.append(
         f"{len(latencies['analyze'])} calls of each kind after {cfg.small_warmup} warm-up "
         f"calls, in {blocks} alternating blocks; p50/p99 over all calls, spread = min-max of "
-        "the blocks' p50s."
+        "the blocks' p50s. Analyze is a server-streaming method: the bare grpcio rows show "
+        "what gRPC alone costs for a unary and a one-message streaming call on this machine, "
+        "with no gradtap code on either side."
     )
     return section
