@@ -63,12 +63,15 @@ def result_bytes(model: Model, analysis: Analysis) -> int:
     return sum(tensor_bytes(model, analysis))
 
 
-def check(model: Model, analysis: Analysis, limit: int) -> None:
-    """Refuses, before any memory is spent, a request whose result would exceed `limit`."""
-    estimate = result_bytes(model, analysis)
+def check(model: Model, analysis: Analysis, limit: int) -> list[int]:
+    """Refuses, before any memory is spent, a request whose result would exceed `limit`;
+    returns the estimated bytes of each tensor (see tensor_bytes)."""
+    sizes = tensor_bytes(model, analysis)
+    estimate = sum(sizes)
     if estimate > limit:
         raise ResourceExhausted(
             f"the result would hold {estimate} bytes; this server sends at most {limit} "
             "per request (use smaller batches, fewer targets or reductions)",
             reason="RESULT_TOO_LARGE",
         )
+    return sizes

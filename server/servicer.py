@@ -314,11 +314,13 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         model = self._model(request.model)
         analysis = self._analysis(request)
         self.engine.check_inputs(model, analysis.inputs)
-        budget.check(model, analysis, self.limits.max_result_bytes)
-        with contextlib.ExitStack() as stack:
-            region = None
-            if request.HasField("shared_memory"):
-                region = stack.enter_context(self._region(request, model, analysis, context))
+        sizes = budget.check(model, analysis, self.limits.max_result_bytes)
+        opened = (
+            self._region(request, sizes, context)
+            if request.HasField("shared_memory")
+            else contextlib.nullcontext()
+        )
+        with opened as region:
             decode_ms = (time.perf_counter() - started) * 1e3
             with deadline.time_limit(context) as should_stop:
                 outcome = self.run(model, analysis, should_stop=should_stop)
@@ -347,13 +349,10 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         yield from wire.frames(outcome.tensors, pb.AnalyzeResponse(header=header), summary)
 
     def _region(
-        self,
-        request: pb.AnalyzeRequest,
-        model: Model,
-        analysis: Analysis,
-        context: grpc.ServicerContext,
+        self, request: pb.AnalyzeRequest, sizes: list[int], context: grpc.ServicerContext
     ) -> contextlib.AbstractContextManager[shm.Region]:
-        """Checks the caller's shared-memory region before any work, and opens it."""
+        """Checks the caller's shared-memory region before any work, and opens it; `sizes`
+        are the result's estimated tensor bytes."""
         ask = shm.RegionRequest(
             name=request.shared_memory.name,
             size=request.shared_memory.size,
@@ -362,7 +361,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         shm.check_request(
             ask, enabled=self.limits.shared_memory, local=shm.is_local(context.peer())
         )
-        _, needed = shm.layout(budget.tensor_bytes(model, analysis))
+        _, needed = shm.layout(sizes)
         if needed > ask.size:
             raise shm.too_small(ask, needed)
         return shm.opened(ask)
