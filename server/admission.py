@@ -31,7 +31,7 @@ from gradtap.v1 import gradtap_pb2 as pb
 from .deadline import set_end, too_long
 from .errors import Cancelled, RequestError
 from .observability import observe_queue
-from .servicer import ERROR_DOMAIN, status_for
+from .servicer import ERROR_DOMAIN, behaviour_of, same_kind, status_for
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["GradientService"].full_name
 UNLIMITED_METHODS = frozenset((f"/{_SERVICE}/ListModels", f"/{_SERVICE}/DescribeModel"))
@@ -159,19 +159,10 @@ class Admission(grpc.ServerInterceptor):  # type: ignore[misc]
         if handler is None or not limited(handler_call_details.method):
             return handler
         if handler.response_streaming:
-            behaviour = self._streaming(_behaviour(handler), ends)
+            behaviour = self._streaming(behaviour_of(handler), ends)
         else:
-            behaviour = self._unary(_behaviour(handler), ends)
-        make = {
-            (False, False): grpc.unary_unary_rpc_method_handler,
-            (False, True): grpc.unary_stream_rpc_method_handler,
-            (True, False): grpc.stream_unary_rpc_method_handler,
-            (True, True): grpc.stream_stream_rpc_method_handler,
-        }[(bool(handler.request_streaming), bool(handler.response_streaming))]
-        admitted: grpc.RpcMethodHandler = make(
-            behaviour, handler.request_deserializer, handler.response_serializer
-        )
-        return admitted
+            behaviour = self._unary(behaviour_of(handler), ends)
+        return same_kind(handler, behaviour)
 
     # -- the handlers -----------------------------------------------------------------------
 
@@ -285,10 +276,3 @@ class Admission(grpc.ServerInterceptor):  # type: ignore[misc]
                 ticket.wake.set()
             else:
                 self._running -= 1
-
-
-def _behaviour(handler: grpc.RpcMethodHandler) -> Callable[[Any, grpc.ServicerContext], Any]:
-    behaviour: Callable[[Any, grpc.ServicerContext], Any] = (
-        handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
-    )
-    return behaviour

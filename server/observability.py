@@ -19,6 +19,8 @@ import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 
+from .servicer import behaviour_of, same_kind
+
 request_log = logging.getLogger("gradtap.requests")
 
 REQUEST_ID_KEY = "x-request-id"
@@ -185,31 +187,9 @@ class Observability(grpc.ServerInterceptor):  # type: ignore[misc]
         def call() -> _Call:
             return _Call(rpc=rpc, request_id=request_id, arrived=arrived)
 
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                self._unary(call, handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                self._stream(call, handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                self._unary(call, handler.stream_unary, streaming=True),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.stream_stream:
-            return grpc.stream_stream_rpc_method_handler(
-                self._stream(call, handler.stream_stream, streaming=True),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
+        wrap = self._stream if handler.response_streaming else self._unary
+        behaviour = wrap(call, behaviour_of(handler), streaming=bool(handler.request_streaming))
+        return same_kind(handler, behaviour)
 
     def _unary(
         self, new_call: Callable[[], _Call], behaviour: Callable[..., Any], streaming: bool = False

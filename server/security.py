@@ -31,7 +31,7 @@ from gradtap.v1 import gradtap_pb2 as pb
 
 from .errors import PermissionDenied, RequestError, Unauthenticated
 from .models import MODEL_NAME
-from .servicer import status_for
+from .servicer import behaviour_of, same_kind, status_for
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["GradientService"].full_name
 _LIST_MODELS = f"/{_SERVICE}/ListModels"
@@ -219,7 +219,7 @@ def _refused(handler: grpc.RpcMethodHandler, error: RequestError) -> grpc.RpcMet
     def refuse(request_or_requests: Any, context: grpc.ServicerContext) -> Any:
         _abort(context, error)
 
-    return _same_kind(handler, refuse)
+    return same_kind(handler, refuse)
 
 
 def _guarded(
@@ -227,7 +227,7 @@ def _guarded(
 ) -> grpc.RpcMethodHandler:
     """The same handler with `check` run on each request (a RequestError from it ends the
     call with its google.rpc.Status) and `respond` applied to a single response."""
-    behaviour = _behaviour(handler)
+    behaviour = behaviour_of(handler)
 
     def checked(requests: Iterator[Any]) -> Iterator[Any]:
         for request in requests:
@@ -257,28 +257,5 @@ def _guarded(
             _abort(context, e)
 
     if handler.request_streaming:
-        return _same_kind(handler, stream_in_out if handler.response_streaming else stream_in)
-    return _same_kind(handler, unary_in)
-
-
-def _behaviour(handler: grpc.RpcMethodHandler) -> Callable[[Any, grpc.ServicerContext], Any]:
-    behaviour: Callable[[Any, grpc.ServicerContext], Any] = (
-        handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
-    )
-    return behaviour
-
-
-def _same_kind(
-    handler: grpc.RpcMethodHandler, behaviour: Callable[[Any, grpc.ServicerContext], Any]
-) -> grpc.RpcMethodHandler:
-    """A handler like `handler` (same streaming kind and serializers) running `behaviour`."""
-    make = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }[(bool(handler.request_streaming), bool(handler.response_streaming))]
-    handled: grpc.RpcMethodHandler = make(
-        behaviour, handler.request_deserializer, handler.response_serializer
-    )
-    return handled
+        return same_kind(handler, stream_in_out if handler.response_streaming else stream_in)
+    return same_kind(handler, unary_in)

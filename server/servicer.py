@@ -185,6 +185,35 @@ _REDUCTIONS = {
 }
 
 
+Behaviour = Callable[[Any, grpc.ServicerContext], Any]
+"""A handler's function: a request (or an iterator of them) and the context in."""
+
+_FACTORIES = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+"""(request streaming, response streaming) -> grpc's factory for that kind of handler."""
+
+
+def behaviour_of(handler: grpc.RpcMethodHandler) -> Behaviour:
+    """The function a handler runs, whatever its kind."""
+    behaviour: Behaviour = (
+        handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+    )
+    return behaviour
+
+
+def same_kind(handler: grpc.RpcMethodHandler, behaviour: Behaviour) -> grpc.RpcMethodHandler:
+    """A handler like `handler` (same streaming kind and serializers) running `behaviour`."""
+    make = _FACTORIES[(bool(handler.request_streaming), bool(handler.response_streaming))]
+    made: grpc.RpcMethodHandler = make(
+        behaviour, handler.request_deserializer, handler.response_serializer
+    )
+    return made
+
+
 def add_to_server(servicer: pb_grpc.GradientServiceServicer, server: grpc.Server) -> None:
     """Registers every RPC of GradientService, built from the service descriptor.
 
@@ -192,16 +221,10 @@ def add_to_server(servicer: pb_grpc.GradientServiceServicer, server: grpc.Server
     pre-encoded bytes (see wire.encode_chunk), which spares a copy of every tensor chunk.
     """
     service = pb.DESCRIPTOR.services_by_name["GradientService"]
-    factories = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }
     handlers = {}
     for method in service.methods:
         request_type = message_factory.GetMessageClass(method.input_type)
-        factory = factories[(method.client_streaming, method.server_streaming)]
+        factory = _FACTORIES[(method.client_streaming, method.server_streaming)]
         handlers[method.name] = factory(
             getattr(servicer, method.name),
             request_deserializer=_lenient(request_type),
