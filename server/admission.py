@@ -140,6 +140,11 @@ class Admission(grpc.ServerInterceptor):  # type: ignore[misc]
         # Mean duration of recent admitted calls, for the retry delay; None until one ends.
         self._mean_seconds: float | None = None
 
+    @property
+    def running(self) -> int:
+        """Calls holding a place now."""
+        return self._running
+
     def retry_delay(self) -> float:
         """When a refused call should come back: about when a place frees up (the mean call
         duration over the places), randomized up to twice that so that refused callers do

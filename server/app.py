@@ -118,6 +118,7 @@ class Running:
     metrics_server: WSGIServer | None = None
     batcher: Batcher | None = None
     servicer: GradientServicer | None = None
+    admission: Admission | None = None
 
     def set_serving(self, serving: bool) -> None:
         status = (
@@ -213,6 +214,7 @@ def start(
         registry=registry,
         batcher=batcher,
         servicer=servicer,
+        admission=next(i for i in interceptors if isinstance(i, Admission)),
     )
     if settings.metrics_port is not None:
         running.metrics_server = start_metrics(

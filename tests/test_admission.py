@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from google.rpc import error_details_pb2, status_pb2
-from gradtap.client import Client, GradtapError, Objective, Result
+from gradtap.client import Client, GradtapError, Objective, Result, Target
 from gradtap.server.admission import PUSHBACK_KEY, Admission, limited
 from gradtap.server.app import Running, Settings, start
 from gradtap.server.models import export_builtin
@@ -23,7 +23,9 @@ from gradtap.v1 import gradtap_pb2_grpc as pb_grpc
 from .serving import eventually, metric
 
 ANALYZE = "gradtap.v1.GradientService/Analyze"
-SLOW_ROWS = 512  # seed-convnet at this batch takes about a second on one CPU core
+SLOW_ROWS = 2048
+"""seed-convnet at this batch keeps a place for most of a second (0.2 s per 512 rows on a
+2-core machine); the target is summed per row, so the time goes to computing, not sending."""
 
 
 def images(rows: int, seed: int = 0) -> np.ndarray:
@@ -74,6 +76,12 @@ def analyze(client: Client, rows: int, **kwargs: float) -> Result:
     return client.analyze("convnet", images(rows), ["relu_1"], Objective.sum(), **kwargs)
 
 
+def slow(client: Client) -> Result:
+    """A call that holds its place long (see SLOW_ROWS)."""
+    target = Target("relu_1", reduce="sum")
+    return client.analyze("convnet", images(SLOW_ROWS), [target], Objective.sum())
+
+
 class Occupied:
     """Runs slow calls in the background; `__enter__` returns once all of them are in."""
 
@@ -87,20 +95,25 @@ class Occupied:
     def _call(self) -> None:
         try:
             with Client(address(self.running), timeout=120, retries=0) as client:
-                self.outcomes.append(analyze(client, SLOW_ROWS))
+                self.outcomes.append(slow(client))
         except BaseException as e:  # noqa: BLE001 - checked by the test
             self.outcomes.append(e)
 
     def __enter__(self) -> Occupied:
         self.before = metric(self.running, "gradtap_in_flight_requests", rpc=ANALYZE)
+        admission = self.running.admission
+        assert admission is not None
         for k in range(self.calls):
             thread = threading.Thread(target=self._call)
             thread.start()
             self.threads.append(thread)
             target = self.before + k + 1
+            # In flight is counted before admission: wait until the call holds a place too,
+            # or a test's own call could take that place first.
             assert eventually(
-                lambda t=target: (
+                lambda t=target, k=k: (
                     metric(self.running, "gradtap_in_flight_requests", rpc=ANALYZE) >= t
+                    and admission.running >= min(k + 1, admission.max_concurrent)
                 )
             )
         return self
@@ -189,7 +202,7 @@ def test_running_and_queued_calls_end_at_the_servers_maximum_duration(repository
         occupied = Occupied(running)
         with occupied, Client(address(running), retries=0) as client:
             with pytest.raises(GradtapError) as too_long:
-                analyze(client, SLOW_ROWS)
+                slow(client)
         assert too_long.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
         assert too_long.value.reason == "CALL_TOO_LONG"
         (first,) = occupied.outcomes
