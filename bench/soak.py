@@ -138,7 +138,7 @@ def valid_request(rng: random.Random, batch: int | None = None) -> pb.AnalyzeReq
     request = pb.AnalyzeRequest(
         model=pb.Model(name=name),
         inputs=[_tensor(data.standard_normal((b, *seed.row), dtype=np.float32), 1)],
-        input_gradients=rng.random() < 0.3,
+        input_grads=rng.random() < 0.3,
         outputs=rng.random() < 0.3,
         precision=rng.choice([0, 0, 0, 1, 2]),
     )
@@ -151,7 +151,7 @@ def valid_request(rng: random.Random, batch: int | None = None) -> pb.AnalyzeReq
     if rng.random() < 0.15:
         request.param_grads.append(rng.choice(("*", *seed.params)))
     if rng.random() < 0.1 and all(t.capture == pb.CAPTURE_ACTIVATION for t in request.targets):
-        if not request.param_grads and not request.input_gradients:
+        if not request.param_grads and not request.input_grads:
             return request  # activations only: no objective needed
     kind = rng.choice(["sum", "logit", "cross_entropy", "mse", "grad_outputs"])
     site = pb.ObjectiveSite()
@@ -168,7 +168,7 @@ def valid_request(rng: random.Random, batch: int | None = None) -> pb.AnalyzeReq
     else:
         values = _tensor(data.standard_normal((b, CLASSES), dtype=np.float32), 1)
         if kind == "mse":
-            request.objective.mse.target.CopyFrom(values)
+            request.objective.mse.expected.CopyFrom(values)
         else:
             request.objective.grad_outputs.grad_output.CopyFrom(values)
     return request

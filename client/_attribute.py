@@ -110,9 +110,9 @@ def attribute_request(
         model=model_ref(model, digest),
         inputs=[encode(a) for a in arrays],
         method=METHODS[method],
-        target=_targets(target),
+        index=_targets(target),
         output=output,
-        layer=layer or "",
+        node=layer or "",
         params=_params(params, arrays),
     )
 

@@ -79,7 +79,7 @@ class Objective:
         """F.mse_loss(site, target); with `node`, at an intermediate activation."""
         message = pb.MseObjective(
             site=_site(output, node),
-            target=encode(np.asarray(target)),
+            expected=encode(np.asarray(target)),
             reduction=_reduction(reduction),
         )
         return cls(pb.Objective(mse=message))

@@ -110,7 +110,7 @@ def analyze_request(
         inputs=[encode(np.asarray(a)) for a in arrays],
         targets=[target_message(t, capture) for t in targets],
         param_grads=[param_grads] if isinstance(param_grads, str) else list(param_grads),
-        input_gradients=input_grad,
+        input_grads=input_grad,
         outputs=outputs,
         precision=_precision(precision),
     )

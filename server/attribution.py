@@ -257,7 +257,7 @@ def _layer(model: Model, request: Attribution, method: Method) -> str | None:
                 f"{request.method} attributes to the input and takes no layer; the layer "
                 "methods are " + ", ".join(m for m, spec in METHODS.items() if spec.layer),
                 reason="BAD_PARAMETER",
-                field="layer",
+                field="node",
             )
         return None
     if not request.layer:
@@ -265,22 +265,22 @@ def _layer(model: Model, request: Attribution, method: Method) -> str | None:
             f"{request.method} needs a layer: a graph node or module path (DescribeModel "
             "lists them)",
             reason="LAYER_REQUIRED",
-            field="layer",
+            field="node",
         )
     node = Engine.resolve(model, request.layer)
     if node is None:
         raise InvalidArgument(
-            f"unknown layer {request.layer[:80]!r}: not a graph node or module path of "
+            f"unknown node {request.layer[:80]!r}: not a graph node or module path of "
             f"{model.name} (DescribeModel lists them)",
             reason="UNKNOWN_TARGET",
-            field="layer",
+            field="node",
         )
     if not model.nodes[node].differentiable:
         raise InvalidArgument(
             f"layer {request.layer[:80]!r} has dtype "
             f"{str(model.nodes[node].spec.dtype).removeprefix('torch.')}; it has no gradient",
             reason="NOT_DIFFERENTIABLE",
-            field="layer",
+            field="node",
         )
     return node
 
@@ -295,30 +295,30 @@ def _target(model: Model, request: Attribution) -> int | list[int] | None:
         if per_row != 1:
             raise InvalidArgument(
                 f"output {request.output} has shape {_shape(dims)}: name the class to "
-                "attribute with target (one index for every row, or one per row)",
+                "attribute with index (one index for every row, or one per row)",
                 reason="TARGET_REQUIRED",
-                field="target",
+                field="index",
             )
         return None
     if len(dims) != 2:
         raise InvalidArgument(
-            f"target picks a class from an output of shape (N, C); output {request.output} "
+            f"index picks a class from an output of shape (N, C); output {request.output} "
             f"has shape {_shape(dims)}",
             reason="BAD_TARGET",
-            field="target",
+            field="index",
         )
     classes = dims[1].size
     if classes is not None and any(t < 0 or t >= classes for t in target):
         raise InvalidArgument(
-            f"target must lie in [0, {classes})", reason="OUT_OF_RANGE", field="target"
+            f"index must lie in [0, {classes})", reason="OUT_OF_RANGE", field="index"
         )
     if len(target) == 1:
         return target[0]
     if len(target) != rows:
         raise InvalidArgument(
-            f"target has {len(target)} values: give one, or one per row ({rows})",
+            f"index has {len(target)} values: give one, or one per row ({rows})",
             reason="BAD_TARGET",
-            field="target",
+            field="index",
         )
     return target
 

@@ -589,7 +589,7 @@ def _loss(objective: Objective, site: torch.Tensor) -> torch.Tensor:
             )
         return F.cross_entropy(site, labels.to(site.device), reduction=objective.reduction)
     if kind in ("mse", "grad_outputs"):
-        name = "target" if kind == "mse" else "grad_output"
+        name = "expected" if kind == "mse" else "grad_output"
         other = _required(objective, name)
         if tuple(other.shape) != tuple(site.shape):
             raise InvalidArgument(

@@ -80,9 +80,9 @@ def attribution(request: pb.AttributeRequest, tensor: TensorDecoder) -> Attribut
     return Attribution(
         inputs=inputs,
         method=method,
-        target=tuple(request.target),
+        target=tuple(request.index),
         output=request.output,
-        layer=request.layer,
+        layer=request.node,
         params=params,
     )
 

@@ -530,7 +530,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
             inputs=inputs,
             targets=targets,
             objective=objective,
-            input_gradients=request.input_gradients,
+            input_gradients=request.input_grads,
             outputs=request.outputs,
             param_grads=list(request.param_grads),
             autocast=_PRECISIONS[request.precision],
@@ -545,7 +545,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         body = getattr(request.objective, kind)
         field = f"objective.{kind}"
         tensor = None
-        for name in ("labels", "target", "grad_output"):
+        for name in ("labels", "expected", "grad_output"):
             if name in body.DESCRIPTOR.fields_by_name and body.HasField(name):
                 tensor = self._tensor(getattr(body, name), f"{field}.{name}")
         reduction = "mean"

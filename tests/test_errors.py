@@ -175,7 +175,7 @@ def test_objective_without_kind_is_invalid_argument(address: str) -> None:
         (Objective.logit([1, 2]), "objective.logit.index"),
         (Objective.cross_entropy([10]), "objective.cross_entropy.labels"),
         (Objective.cross_entropy([1, 2]), "objective.cross_entropy.labels"),
-        (Objective.mse(np.zeros((1, 9), np.float32)), "objective.mse.target"),
+        (Objective.mse(np.zeros((1, 9), np.float32)), "objective.mse.expected"),
         (
             Objective.grad_outputs(np.zeros((2, 10), np.float32)),
             "objective.grad_outputs.grad_output",

@@ -271,7 +271,7 @@ def objectives(draw: st.DrawFn, model: Served | None, batch: int, wild: bool) ->
     else:
         tensor = draw(random_tensors())
     if kind == "mse":
-        return pb.Objective(mse=pb.MseObjective(site=site, target=tensor, reduction=reduction))
+        return pb.Objective(mse=pb.MseObjective(site=site, expected=tensor, reduction=reduction))
     return pb.Objective(grad_outputs=pb.GradOutputsObjective(site=site, grad_output=tensor))
 
 
@@ -321,7 +321,7 @@ def analyze_requests(draw: st.DrawFn) -> pb.AnalyzeRequest:
         targets=draw(
             st.lists(targets(model, wild), max_size=4, unique_by=None if wild else lambda t: t.name)
         ),
-        input_gradients=draw(st.booleans()),
+        input_grads=draw(st.booleans()),
         outputs=draw(st.booleans()),
         param_grads=draw(st.lists(st.one_of(params, any_names) if wild else params, max_size=2)),
         precision=draw(enum_value(pb.PRECISION_BFLOAT16_AUTOCAST, wild)),
@@ -371,7 +371,7 @@ def valid_requests() -> list[pb.AnalyzeRequest]:
                 pb.TargetLayer(name="fc2", dtype=pb.DTYPE_BFLOAT16),
             ],
             objective=logit,
-            input_gradients=True,
+            input_grads=True,
         ),
         pb.AnalyzeRequest(
             model=pb.Model(name="seed-convnet"),

@@ -738,7 +738,7 @@ class MseObjective(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SITE_FIELD_NUMBER: _builtins.int
-    TARGET_FIELD_NUMBER: _builtins.int
+    EXPECTED_FIELD_NUMBER: _builtins.int
     REDUCTION_FIELD_NUMBER: _builtins.int
     reduction: Global___LossReduction.ValueType
     """Mean (default) or sum over elements."""
@@ -747,19 +747,19 @@ class MseObjective(_message.Message):
         """Where the prediction is read. The seed's adversarial example uses a node here."""
 
     @_builtins.property
-    def target(self) -> Global___Tensor:
-        """The target; its shape must equal the site's shape."""
+    def expected(self) -> Global___Tensor:
+        """The expected values; their shape must equal the site's shape."""
 
     def __init__(
         self,
         *,
         site: Global___ObjectiveSite | None = ...,
-        target: Global___Tensor | None = ...,
+        expected: Global___Tensor | None = ...,
         reduction: Global___LossReduction.ValueType = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["site", b"site", "target", b"target"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expected", b"expected", "site", b"site"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["reduction", b"reduction", "site", b"site", "target", b"target"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expected", b"expected", "reduction", b"reduction", "site", b"site"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1072,13 +1072,13 @@ class AnalyzeRequest(_message.Message):
     INPUTS_FIELD_NUMBER: _builtins.int
     TARGETS_FIELD_NUMBER: _builtins.int
     OBJECTIVE_FIELD_NUMBER: _builtins.int
-    INPUT_GRADIENTS_FIELD_NUMBER: _builtins.int
+    INPUT_GRADS_FIELD_NUMBER: _builtins.int
     OUTPUTS_FIELD_NUMBER: _builtins.int
     PARAM_GRADS_FIELD_NUMBER: _builtins.int
     PRECISION_FIELD_NUMBER: _builtins.int
     SHARED_MEMORY_FIELD_NUMBER: _builtins.int
-    input_gradients: _builtins.bool
-    """Also return the gradient with respect to every floating-point input."""
+    input_grads: _builtins.bool
+    """Also return the gradient with respect to every floating-point input (the input grads)."""
     outputs: _builtins.bool
     """Also return the model's outputs. The summary always carries the loss."""
     precision: Global___Precision.ValueType
@@ -1119,7 +1119,7 @@ class AnalyzeRequest(_message.Message):
         inputs: _abc.Iterable[Global___Tensor] | None = ...,
         targets: _abc.Iterable[Global___TargetLayer] | None = ...,
         objective: Global___Objective | None = ...,
-        input_gradients: _builtins.bool = ...,
+        input_grads: _builtins.bool = ...,
         outputs: _builtins.bool = ...,
         param_grads: _abc.Iterable[_builtins.str] | None = ...,
         precision: Global___Precision.ValueType = ...,
@@ -1127,7 +1127,7 @@ class AnalyzeRequest(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "objective", b"objective", "shared_memory", b"shared_memory"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["input_gradients", b"input_gradients", "inputs", b"inputs", "model", b"model", "objective", b"objective", "outputs", b"outputs", "param_grads", b"param_grads", "precision", b"precision", "shared_memory", b"shared_memory", "targets", b"targets"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["input_grads", b"input_grads", "inputs", b"inputs", "model", b"model", "objective", b"objective", "outputs", b"outputs", "param_grads", b"param_grads", "precision", b"precision", "shared_memory", b"shared_memory", "targets", b"targets"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1572,17 +1572,17 @@ class AttributeRequest(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     INPUTS_FIELD_NUMBER: _builtins.int
     METHOD_FIELD_NUMBER: _builtins.int
-    TARGET_FIELD_NUMBER: _builtins.int
+    INDEX_FIELD_NUMBER: _builtins.int
     OUTPUT_FIELD_NUMBER: _builtins.int
-    LAYER_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
     PARAMS_FIELD_NUMBER: _builtins.int
     method: Global___AttributionMethod.ValueType
     """The method."""
     output: _builtins.int
     """The output attributed, for models that return several; 0 by default."""
-    layer: _builtins.str
-    """For layer methods: a graph-node name or module path, as DescribeModel lists them.
-    Empty for the other methods.
+    node: _builtins.str
+    """For layer methods, the node attributed to (Captum's `layer`): a graph-node name or
+    module path, as DescribeModel lists them. Empty for the other methods.
     """
     @_builtins.property
     def model(self) -> Global___Model:
@@ -1597,9 +1597,10 @@ class AttributeRequest(_message.Message):
         """
 
     @_builtins.property
-    def target(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """Captum's target: the class index of each row. One value applies to every row; else
-        one value per row. Empty when the output has one value per row.
+    def index(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The class attributed (Captum's `target`): its index in each row of the output. One
+        value applies to every row; else one value per row. Empty when the output has one value
+        per row.
         """
 
     @_builtins.property
@@ -1612,14 +1613,14 @@ class AttributeRequest(_message.Message):
         model: Global___Model | None = ...,
         inputs: _abc.Iterable[Global___Tensor] | None = ...,
         method: Global___AttributionMethod.ValueType = ...,
-        target: _abc.Iterable[_builtins.int] | None = ...,
+        index: _abc.Iterable[_builtins.int] | None = ...,
         output: _builtins.int = ...,
-        layer: _builtins.str = ...,
+        node: _builtins.str = ...,
         params: Global___AttributionParams | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "params", b"params"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "layer", b"layer", "method", b"method", "model", b"model", "output", b"output", "params", b"params", "target", b"target"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "inputs", b"inputs", "method", b"method", "model", b"model", "node", b"node", "output", b"output", "params", b"params"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -123,7 +123,7 @@ function buildRequest(args) {
     inputs: [{ dtype: 'DTYPE_FLOAT32', shape: shape.map(String), data }],
     targets: targets.map((name) => ({ name, capture: 'CAPTURE_GRADIENT' })),
     objective: parseObjective(args.objective),
-    input_gradients: true,
+    input_grads: true,
     outputs: true,
   };
 }
