@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         if "peers" in args.sections:
             for size in cfg.naive_bytes:
                 models.export_repeat(main_repo, size)
-        from gradtap.server.models import builtin_module
+        from gradtap.server.models.zoo import builtin_module
 
         convnet = builtin_module("seed-convnet")
         server = None

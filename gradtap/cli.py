@@ -424,9 +424,9 @@ def serve(
     """
     try:
         if TYPE_CHECKING:
-            from server import app as server
+            from server.rpc import app as server
         else:
-            from gradtap.server import app as server
+            from gradtap.server.rpc import app as server
     except ImportError as e:
         typer.echo('gradtap serve needs the server extra: pip install "gradtap[server]"', err=True)
         typer.echo(f"  ({e})", err=True)

@@ -1,4 +1,5 @@
-"""Domain exceptions of the server; the servicer maps them to gRPC status codes in one place."""
+"""Domain exceptions of the server, the bottom layer: every layer raises them, and
+rpc/status.py alone maps them to gRPC status codes."""
 
 from __future__ import annotations
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 from gradtap.client import Client
-from gradtap.server.app import Running, Settings, start
+from gradtap.server import Settings, start
+from gradtap.server.rpc.app import Running
 from torch import nn
 
 from . import models

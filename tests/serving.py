@@ -16,7 +16,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
-from gradtap.server.app import Running
+from gradtap.server.rpc.app import Running
 from prometheus_client.parser import text_string_to_metric_families
 
 READY = re.compile(r"gradtap serving (\d+) model\(s\) on (\S+):(\d+)")

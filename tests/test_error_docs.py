@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def server_reasons() -> set[str]:
     reasons: set[str] = set()
-    for path in (ROOT / "server").glob("*.py"):
+    for path in (ROOT / "server").rglob("*.py"):
         text = path.read_text()
         reasons |= set(re.findall(r'reason="([A-Z][A-Z0-9_]*)"', text))
         # Reasons kept in constants, e.g. OVERLOADED = "SERVER_OVERLOADED".

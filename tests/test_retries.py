@@ -15,9 +15,9 @@ import pytest
 from gradtap.client import Client, GradtapError, aio
 from gradtap.client._request import channel_options
 from gradtap.client._retry import method_config
-from gradtap.server.admission import Admission, overloaded_status
 from gradtap.server.errors import InvalidArgument, RequestError, ResourceExhausted
-from gradtap.server.servicer import status_for
+from gradtap.server.rpc.admission import Admission, overloaded_status
+from gradtap.server.rpc.status import status_for
 
 from gradtap.v1 import gradtap_pb2 as pb
 

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from gradtap.client import Client, Objective
-from gradtap.server.models import builtin_module
+from gradtap.server.models.zoo import builtin_module
 
 RTOL, ATOL = 1e-5, 1e-7
 

@@ -1,0 +1,347 @@
+"""Dynamic batching: concurrent compatible requests share one forward and backward pass.
+
+Merging is exact only when no sample influences another. A request is batched when
+- its model has one dynamic batch dimension shared by every input, and every node it
+  touches (targets, the objective's site, the outputs) carries that dimension first;
+- the model's graph never mixes samples (see `mixes_samples`) and the model did not opt out;
+- it asks for no parameter gradients and no reductions.
+Compatible requests (same model, targets, objective kind and site, flags and per-sample
+shapes) are concatenated along dimension 0; the objective is the sum of each request's own
+objective on its rows, so each request's gradients are exactly its unbatched gradients.
+Everything else runs alone, unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from ..errors import Cancelled, RequestError
+from ..models.model import Model
+from .analysis import Analysis, Collected, Engine, Objective, Outcome, ShouldStop
+
+BatchObserver = Callable[[int], None]
+
+
+def batch_symbol(model: Model) -> str | None:
+    """The symbol of the batch dimension every input shares, if there is one."""
+    symbols = {
+        spec.dims[0].symbol if spec.dims and spec.dims[0].size is None else ""
+        for spec in model.inputs
+    }
+    if len(symbols) != 1:
+        return None
+    symbol = symbols.pop()
+    return symbol or None
+
+
+def mixes_samples(model: Model, symbol: str) -> bool:
+    """True when some value computed from the inputs loses the batch dimension and then
+    flows into per-sample values again (a mean over the batch, train-mode batch norm...).
+
+    Such a graph couples samples, so merging requests would change their results.
+    """
+    graph = model.program.graph
+    batched = {
+        n
+        for n, info in model.nodes.items()
+        if info.spec.dims and info.spec.dims[0].symbol == symbol
+    }
+    for node in graph.nodes:
+        if node.op != "call_function" or node.name not in model.input_dependent:
+            continue
+        if node.name in batched or not isinstance(node.meta.get("val"), torch.Tensor):
+            continue
+        if any(user.name in batched for user in node.users):
+            return True
+    return False
+
+
+_SITES_KEPT = 4096
+"""Eligibility answers kept, over all models (cleared when full)."""
+
+
+def _batch_first(
+    model: Model, symbol: str, targets: tuple[str, ...], site: tuple[str, int] | None
+) -> bool | None:
+    """True when every targeted node, the objective's site and every output carry the batch
+    dimension first. None for an unknown name or output: such requests run alone (and fail
+    there), and neither keys nor the cache of answers ever hold what does not resolve."""
+    nodes = [Engine.resolve(model, name) for name in targets]
+    if site is not None:
+        site_node, output = site
+        if site_node:
+            nodes.append(Engine.resolve(model, site_node))
+        elif output >= len(model.outputs):
+            return None
+    for node in nodes:
+        info = model.nodes.get(node or "")
+        if info is None:
+            return None
+        if not info.spec.dims or info.spec.dims[0].symbol != symbol:
+            return False
+    sited = [] if site is None or site[0] else [model.outputs[site[1]]]
+    return all(s.dims and s.dims[0].symbol == symbol for s in [*model.outputs, *sited])
+
+
+@dataclass
+class _Pending:
+    analysis: Analysis
+    rows: int
+    should_stop: ShouldStop
+    done: threading.Event = field(default_factory=threading.Event)
+    lead: bool = False
+    outcome: Outcome | None = None
+    error: BaseException | None = None
+
+
+@dataclass
+class _Queue:
+    key: tuple[Any, ...]
+    pending: list[_Pending] = field(default_factory=list)
+    arrived: threading.Condition = field(default_factory=threading.Condition)
+
+
+class Batcher:
+    """Runs analyses through the engine, merging concurrent compatible ones.
+
+    The first request of a batch leads it: it waits up to `timeout_us` for companions (or
+    until `max_batch_size` rows have gathered), runs the merged pass and hands each
+    follower its share. No extra threads are involved.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        max_batch_size: int = 16,
+        timeout_us: int = 2000,
+        observe: BatchObserver | None = None,
+    ) -> None:
+        self.engine = engine
+        self.max_batch_size = max_batch_size
+        self.timeout = timeout_us / 1e6
+        self.observe = observe
+        self._lock = threading.Lock()
+        self._queues: dict[tuple[Any, ...], _Queue] = {}
+        self._symbols: dict[str, str | None] = {}
+        self._batched_sites: dict[tuple[Any, ...], bool] = {}
+        """(model, digest, target names, objective site) -> whether all carry the batch dim;
+        only for names that resolve."""
+        self._active = 0
+        self._window = max(0.01, 5 * self.timeout)
+        self._overlapped_at = -math.inf
+        """When a request last arrived with another one in flight."""
+
+    # -- eligibility ------------------------------------------------------------------------
+
+    def _symbol(self, model: Model) -> str | None:
+        """The model's batch symbol, or None when it cannot be batched at all (cached)."""
+        key = f"{model.name}@{model.digest}"
+        if key not in self._symbols:
+            symbol = batch_symbol(model)
+            if symbol is not None and (not model.batchable or mixes_samples(model, symbol)):
+                symbol = None
+            self._symbols[key] = symbol
+        return self._symbols[key]
+
+    def _key(self, model: Model, analysis: Analysis) -> tuple[Any, ...] | None:
+        """Requests with equal keys can share a pass; None means run alone."""
+        if self.max_batch_size <= 1 or getattr(analysis, "param_grads", None):
+            return None
+        symbol = self._symbol(model)
+        if symbol is None or len(analysis.inputs) != len(model.inputs):
+            return None
+        if any(getattr(t, "reduction", None) is not None for t in analysis.targets):
+            return None
+        if any(t.dim() == 0 for t in analysis.inputs):
+            return None
+        rows = {t.shape[0] for t in analysis.inputs}
+        if len(rows) != 1 or rows.pop() >= self.max_batch_size:
+            return None
+        objective = analysis.objective
+        if objective is not None and objective.tensor is not None:
+            if (
+                objective.tensor.dim() == 0
+                or objective.tensor.shape[0] != analysis.inputs[0].shape[0]
+            ):
+                return None
+        targets = tuple((t.name, t.activation, t.gradient) for t in analysis.targets)
+        site = None if objective is None else (objective.node, objective.output)
+        sites = (model.name, model.digest, tuple(name for name, _, _ in targets), site)
+        batched = self._batched_sites.get(sites)
+        if batched is None:
+            batched = _batch_first(model, symbol, sites[2], site)
+            if batched is None:
+                return None
+            if len(self._batched_sites) >= _SITES_KEPT:
+                self._batched_sites.clear()
+            self._batched_sites[sites] = batched
+        if not batched:
+            return None
+        return (
+            model.name,
+            model.digest,
+            targets,
+            None
+            if objective is None
+            else (objective.kind, objective.output, objective.node, objective.reduction),
+            analysis.input_gradients,
+            analysis.outputs,
+            analysis.autocast,
+            tuple((t.dtype, tuple(t.shape[1:])) for t in analysis.inputs),
+            None
+            if objective is None or objective.tensor is None
+            else (objective.tensor.dtype, tuple(objective.tensor.shape[1:])),
+        )
+
+    # -- running ----------------------------------------------------------------------------
+
+    def analyze(self, model: Model, analysis: Analysis, should_stop: ShouldStop) -> Outcome:
+        """The request's outcome, computed alone or as part of a merged pass."""
+        key = self._key(model, analysis)
+        if key is None:
+            return self._alone(model, analysis, should_stop)
+        with self._lock:
+            self._active += 1
+            now = time.monotonic()
+            if self._active > 1:
+                self._overlapped_at = now
+            # Waiting for companions only pays when requests overlap; a lone caller
+            # (no other request in flight lately) runs at once, paying no delay.
+            wait = self._overlapped_at >= now - self._window
+            queue = self._queues.get(key)
+            if queue is None and wait:
+                queue = self._queues[key] = _Queue(key)
+        try:
+            if queue is None:
+                # Alone, with nobody to wait for and no batch of its kind forming: it would
+                # lead a batch of one, so it skips the queue.
+                if should_stop():
+                    raise Cancelled("the call was cancelled", reason="CANCELLED")
+                return self._alone(model, analysis, should_stop)
+            me = _Pending(analysis, int(analysis.inputs[0].shape[0]), should_stop)
+            with queue.arrived:
+                queue.pending.append(me)
+                leader = len(queue.pending) == 1
+                queue.arrived.notify_all()
+            if not leader:
+                me.done.wait()
+                if me.lead:  # promoted: lead the requests that did not fit the last batch
+                    me.done.clear()
+                    leader = True
+            if leader:
+                self._run(model, self._gather(queue, wait))
+            if me.error is not None:
+                raise me.error
+            assert me.outcome is not None
+            return me.outcome
+        finally:
+            with self._lock:
+                self._active -= 1
+
+    def _gather(self, queue: _Queue, wait: bool) -> list[_Pending]:
+        """The leader waits for companions, then takes up to max_batch_size rows."""
+        deadline = time.monotonic() + (self.timeout if wait else 0.0)
+        with queue.arrived:
+            while True:
+                rows = sum(p.rows for p in queue.pending)
+                left = deadline - time.monotonic()
+                if rows >= self.max_batch_size or left <= 0:
+                    break
+                queue.arrived.wait(left)
+            batch: list[_Pending] = []
+            total = 0
+            for p in queue.pending:
+                if total + p.rows > self.max_batch_size and batch:
+                    break
+                batch.append(p)
+                total += p.rows
+            del queue.pending[: len(batch)]
+            if queue.pending:  # the first of those left behind leads the next batch
+                queue.pending[0].lead = True
+                queue.pending[0].done.set()
+            else:
+                self._drop(queue)
+        return batch
+
+    def _drop(self, queue: _Queue) -> None:
+        """Forgets an empty queue, so that keys never pile up. A request that picked the
+        queue up just before leads it alone; the next one starts a fresh queue."""
+        with self._lock:
+            if self._queues.get(queue.key) is queue:
+                del self._queues[queue.key]
+
+    def _alone(self, model: Model, analysis: Analysis, should_stop: ShouldStop) -> Outcome:
+        if self.observe is not None:
+            self.observe(1)
+        return self.engine.analyze(model, analysis, should_stop)
+
+    def _run(self, model: Model, batch: list[_Pending]) -> None:
+        live = [p for p in batch if not p.should_stop()]
+        try:
+            if len(live) == 1:
+                live[0].outcome = self._alone(model, live[0].analysis, live[0].should_stop)
+            elif live:
+                self._merged(model, live)
+        except RequestError as e:
+            if len(live) == 1:  # it ran alone: the error is its own
+                live[0].error = e
+                return
+            # One request's objective did not fit: give each its own answer and error.
+            for p in live:
+                try:
+                    p.outcome = self._alone(model, p.analysis, p.should_stop)
+                except BaseException as e:  # noqa: BLE001 - handed to that request's thread
+                    p.error = e
+        except BaseException as e:  # noqa: BLE001 - shared failure, shared answer
+            for p in live:
+                p.error = e
+        finally:
+            for p in batch:
+                if p.outcome is None and p.error is None:
+                    p.error = Cancelled("the call was cancelled", reason="CANCELLED")
+                p.done.set()
+
+    def _merged(self, model: Model, live: list[_Pending]) -> None:
+        first = live[0].analysis
+        inputs = [torch.cat([p.analysis.inputs[i] for p in live]) for i in range(len(first.inputs))]
+        objective = None
+        if first.objective is not None:
+            parts: list[tuple[int, int, Objective]] = []
+            start = 0
+            for p in live:
+                assert p.analysis.objective is not None
+                parts.append((start, start + p.rows, p.analysis.objective))
+                start += p.rows
+            objective = replace(first.objective, tensor=None, parts=tuple(parts))
+        merged = replace(first, inputs=inputs, objective=objective)
+        rows = sum(p.rows for p in live)
+        if self.observe is not None:
+            self.observe(rows)
+        outcome = self.engine.analyze(model, merged, lambda: all(p.should_stop() for p in live))
+        outcome.batch_size = len(live)
+        start = 0
+        for i, p in enumerate(live):
+            share = slice(start, start + p.rows)
+            start += p.rows
+            p.outcome = Outcome(
+                tensors=[_slice(c, share) for c in outcome.tensors],
+                loss=outcome.part_losses[i] if outcome.part_losses else outcome.loss,
+                device=outcome.device,
+                timings=outcome.timings,
+                batch_size=outcome.batch_size,
+                precision=outcome.precision,
+            )
+
+
+def _slice(c: Collected, rows: slice) -> Collected:
+    return Collected(c.role, c.name, c.index, c.tensor[rows].contiguous())
+
+
+__all__: Sequence[str] = ["Batcher", "batch_symbol", "mixes_samples"]

@@ -1,0 +1,324 @@
+"""Safe loading of torch.export archives: closing every door torch would open.
+
+Archives are untrusted files. `torch.export.load` alone would unpickle sample inputs and
+pickled weights, evaluate symbolic-shape strings with sympy, and run any `torch.*` callable
+a graph names. `load_archive` closes each of those doors before torch sees the file.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import operator
+import re
+import zipfile
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch.export import ExportedProgram
+from torch.export.graph_signature import InputKind
+
+from ..errors import ModelLoadError
+
+_SYMPY_WORDS = frozenset(
+    {
+        # sympy classes and constants that srepr/str of shape expressions use
+        "Symbol",
+        "Integer",
+        "Rational",
+        "Float",
+        "Add",
+        "Mul",
+        "Pow",
+        "Mod",
+        "Max",
+        "Min",
+        "Abs",
+        "floor",
+        "ceiling",
+        "sqrt",
+        "Eq",
+        "Ne",
+        "Lt",
+        "Le",
+        "Gt",
+        "Ge",
+        "And",
+        "Or",
+        "Not",
+        "StrictLessThan",
+        "LessThan",
+        "StrictGreaterThan",
+        "GreaterThan",
+        "Equality",
+        "Unequality",
+        "Piecewise",
+        "ITE",
+        "true",
+        "false",
+        "True",
+        "False",
+        "oo",
+        "zoo",
+        "nan",
+        "Infinity",
+        "NegativeInfinity",
+        "One",
+        "Zero",
+        "NegativeOne",
+        "Half",
+        "I",
+        # torch.utils._sympy.functions
+        "CeilDiv",
+        "CeilToInt",
+        "CleanDiv",
+        "FloatPow",
+        "FloatTrueDiv",
+        "FloorDiv",
+        "FloorToInt",
+        "Identity",
+        "IntTrueDiv",
+        "IsNonOverlappingAndDenseIndicator",
+        "LShift",
+        "ModularIndexing",
+        "PowByNatural",
+        "PythonMod",
+        "RShift",
+        "RoundDecimal",
+        "RoundToInt",
+        "ToFloat",
+        "TruncToFloat",
+        "TruncToInt",
+        "Where",
+        # assumptions passed to Symbol(...)
+        "positive",
+        "negative",
+        "nonnegative",
+        "nonpositive",
+        "integer",
+        "real",
+        "finite",
+        "zero",
+        "nonzero",
+        "commutative",
+        "extended_real",
+        "rational",
+    }
+)
+_SYM_TOKEN = re.compile(
+    r"\s+"
+    r"|'[a-z]{1,8}[0-9]{1,9}'"  # a quoted symbol name, e.g. 's77'
+    r"|[0-9]+(?:\.[0-9]+)?(?:e[+-]?[0-9]+)?"  # a number
+    r"|[A-Za-z][A-Za-z0-9_]*"  # a word, checked against the allow-list below
+    r"|[-+*/%(),=<>!&|~]"  # operators and punctuation; no '.', '[', quotes or backslashes
+)
+_SYMBOL_NAME = re.compile(r"[a-z]{1,8}[0-9]{1,9}")
+
+
+def _check_sym_expr(expr: str) -> None:
+    """Refuses a shape expression that could do more than arithmetic when sympy evaluates it."""
+    if len(expr) > 4096:
+        raise ModelLoadError("a symbolic shape expression is too long")
+    pos = 0
+    while pos < len(expr):
+        m = _SYM_TOKEN.match(expr, pos)
+        if m is None:
+            raise ModelLoadError(f"unexpected character in a symbolic shape expression: {expr!r}")
+        word = m.group()
+        if word[0].isalpha() and word not in _SYMPY_WORDS and not _SYMBOL_NAME.fullmatch(word):
+            raise ModelLoadError(f"unknown name {word!r} in a symbolic shape expression")
+        pos = m.end()
+
+
+def _walk_expr_strings(obj: Any) -> Iterator[str]:
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            if key == "expr_str" and isinstance(value, str):
+                yield value
+            else:
+                yield from _walk_expr_strings(value)
+    elif isinstance(obj, list):
+        for value in obj:
+            yield from _walk_expr_strings(value)
+
+
+def _check_payload_config(raw: bytes, what: str) -> None:
+    config = json.loads(raw)
+    for fqn, meta in config.get("config", {}).items():
+        if meta.get("use_pickle"):
+            raise ModelLoadError(f"{what} {fqn!r} is pickled; only raw tensors are accepted")
+        path = str(meta.get("path_name", ""))
+        if what == "constant" and not path.startswith("tensor_"):
+            raise ModelLoadError(f"constant {fqn!r} is a Python object; only tensors are accepted")
+
+
+def _sanitized_archive(data: bytes) -> bytes:
+    """Checks a torch.export archive and returns a copy torch can load without executing it."""
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+    except zipfile.BadZipFile as e:
+        raise ModelLoadError("not a zip archive (torch.export.save writes one)") from e
+    names = archive.namelist()
+    roots = {n.split("/", 1)[0] for n in names}
+    if len(roots) != 1 or not names:
+        raise ModelLoadError("an archive must hold exactly one top-level folder")
+    root = roots.pop()
+    models = [n for n in names if n.startswith(f"{root}/models/") and n.endswith(".json")]
+    if models != [f"{root}/models/model.json"]:
+        raise ModelLoadError("an archive must hold exactly one program, models/model.json")
+    for name in names:
+        rel = name[len(root) + 1 :]
+        if rel.startswith(("data/aotinductor", "data/weights/model.pt", "data/constants/model.pt")):
+            raise ModelLoadError(f"refusing {rel!r}: compiled code or pickled legacy weights")
+        if rel.endswith((".so", ".dll", ".dylib", ".pyc", ".py")):
+            raise ModelLoadError(f"refusing {rel!r}: archives may not carry code")
+    weights_config = f"{root}/data/weights/model_weights_config.json"
+    constants_config = f"{root}/data/constants/model_constants_config.json"
+    for config, what in ((weights_config, "weight"), (constants_config, "constant")):
+        if config not in names:
+            raise ModelLoadError(f"missing {config[len(root) + 1 :]}")
+        _check_payload_config(archive.read(config), what)
+
+    program = json.loads(archive.read(f"{root}/models/model.json"))
+    for expr in _walk_expr_strings(program):
+        _check_sym_expr(expr)
+    # Guards are Python source that torch would compile into ExportedProgram.module(); the
+    # server never calls module(), and drops them so that nothing later can.
+    program["guards_code"] = []
+
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as sanitized:
+        for info in archive.infolist():
+            rel = info.filename[len(root) + 1 :]
+            if rel == "models/model.json":
+                payload = json.dumps(program).encode()
+            elif rel.startswith("data/sample_inputs/"):
+                payload = b""  # torch would unpickle these; the server never needs them
+            else:
+                payload = archive.read(info.filename)
+            sanitized.writestr(info.filename, payload)
+    return out.getvalue()
+
+
+_SAFE_PY_CALLABLES: frozenset[Callable[..., Any]] = frozenset(
+    [
+        operator.getitem,
+        operator.add,
+        operator.sub,
+        operator.mul,
+        operator.truediv,
+        operator.floordiv,
+        operator.mod,
+        operator.pow,
+        operator.neg,
+        operator.pos,
+        operator.abs,
+        operator.eq,
+        operator.ne,
+        operator.lt,
+        operator.le,
+        operator.gt,
+        operator.ge,
+        operator.and_,
+        operator.or_,
+        operator.xor,
+        operator.not_,
+        operator.invert,
+        operator.lshift,
+        operator.rshift,
+        math.floor,
+        math.ceil,
+        math.trunc,
+        math.sqrt,
+        torch.sym_int,
+        torch.sym_float,
+        torch.sym_max,
+        torch.sym_min,
+        torch.sym_not,
+        torch.sym_ite,
+        torch.sym_sqrt,
+        torch.sym_sum,
+        torch._assert,
+        torch._check,
+        torch._check_is_size,
+    ]
+)
+_SAFE_HIGHER_ORDER = frozenset(
+    {
+        "cond",
+        "while_loop",
+        "map_impl",
+        "scan",
+        "associative_scan",
+        "wrap_with_set_grad_enabled",
+        "wrap_with_autocast",
+    }
+)
+_SAFE_OP_NAMESPACES = frozenset({"aten", "prims", "quantized_decomposed"})
+
+
+def _check_graph(program: ExportedProgram) -> None:
+    """Refuses graphs that call anything but tensor operators and plain arithmetic."""
+    for module in program.graph_module.modules():
+        if not isinstance(module, torch.fx.GraphModule):
+            continue
+        for node in module.graph.nodes:
+            if node.op in ("placeholder", "output", "get_attr"):
+                continue
+            if node.op != "call_function":
+                raise ModelLoadError(f"node {node.name!r}: unsupported op kind {node.op!r}")
+            target = node.target
+            if isinstance(target, torch._ops.OpOverload):
+                if target.namespace not in _SAFE_OP_NAMESPACES:
+                    raise ModelLoadError(f"node {node.name!r}: operator {target} is not allowed")
+            elif isinstance(target, torch._ops.HigherOrderOperator):
+                if target.name() not in _SAFE_HIGHER_ORDER:  # type: ignore[no-untyped-call]
+                    raise ModelLoadError(f"node {node.name!r}: operator {target} is not allowed")
+            elif target not in _SAFE_PY_CALLABLES:
+                raise ModelLoadError(f"node {node.name!r}: call target {target!r} is not allowed")
+    for spec in program.graph_signature.input_specs:
+        if spec.kind in (InputKind.CUSTOM_OBJ, InputKind.TOKEN):
+            raise ModelLoadError(
+                f"input {spec.arg.name!r}: {spec.kind.name} inputs are unsupported"
+            )
+
+
+OPTIONS_FILE = "gradtap.json"
+"""Per-model options an archive may carry: torch.export.save(..., extra_files={OPTIONS_FILE: ...}).
+
+Known keys: {"batching": false} opts the model out of dynamic batching."""
+
+
+def archive_options(data: bytes) -> dict[str, Any]:
+    """The archive's gradtap options (JSON, never code); empty when it has none."""
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+    except zipfile.BadZipFile as e:
+        raise ModelLoadError("not a zip archive (torch.export.save writes one)") from e
+    names = [n for n in archive.namelist() if n.endswith(f"/extra/{OPTIONS_FILE}")]
+    if not names:
+        return {}
+    try:
+        options = json.loads(archive.read(names[0]))
+    except ValueError as e:
+        raise ModelLoadError(f"extra/{OPTIONS_FILE} is not valid JSON") from e
+    if not isinstance(options, dict) or not set(options) <= {"batching"}:
+        raise ModelLoadError(f"extra/{OPTIONS_FILE} may only set: batching")
+    if not isinstance(options.get("batching", True), bool):
+        raise ModelLoadError(f"extra/{OPTIONS_FILE}: batching must be true or false")
+    return options
+
+
+def load_archive(data: bytes) -> ExportedProgram:
+    """Loads a torch.export archive's bytes without unpickling or evaluating anything in it."""
+    sanitized = _sanitized_archive(data)
+    try:
+        program = torch.export.load(io.BytesIO(sanitized))
+    except ModelLoadError:
+        raise
+    except Exception as e:  # torch's own errors on malformed archives
+        raise ModelLoadError(f"torch could not read the archive: {type(e).__name__}") from e
+    _check_graph(program)
+    return program

@@ -1,0 +1,64 @@
+"""The served models by name, and the repository of archives they are loaded from."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch.export import ExportedProgram
+
+from ..errors import ModelLoadError
+from .archive import archive_options, load_archive
+from .model import Model, prepare
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+"""Every model name matches this; names are looked up in a dict, never joined into paths."""
+
+
+class Registry:
+    """The served models by name."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._models: dict[str, Model] = {}
+
+    def add(self, name: str, source: str, program: ExportedProgram) -> Model:
+        if not MODEL_NAME.fullmatch(name):
+            raise ModelLoadError(f"model name {name!r} does not match {MODEL_NAME.pattern}")
+        if name in self._models:
+            raise ModelLoadError(f"model {name!r} is defined twice")
+        model = prepare(name, source, program, self.device)
+        self._models[name] = model
+        return model
+
+    def get(self, name: str) -> Model | None:
+        return self._models.get(name) if MODEL_NAME.fullmatch(name) else None
+
+    def __iter__(self) -> Iterator[Model]:
+        return iter(sorted(self._models.values(), key=lambda m: m.name))
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+
+def load_repository(registry: Registry, directory: Path) -> list[str]:
+    """Loads every NAME.pt2 in `directory`; returns the names of archives it refused."""
+    refused = []
+    for path in sorted(directory.glob("*.pt2")):
+        name = path.name[: -len(".pt2")]
+        try:
+            if not path.is_file():
+                raise ModelLoadError("not a regular file")
+            data = path.read_bytes()
+            options = archive_options(data)
+            model = registry.add(name, "repository", load_archive(data))
+            model.batchable = bool(options.get("batching", True))
+        except ModelLoadError as e:
+            log.error("refusing model archive %s: %s", path.name, e)
+            refused.append(name)
+    return refused

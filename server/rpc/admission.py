@@ -1,0 +1,284 @@
+"""Admission control: a bounded queue in front of the expensive RPCs, and a maximum call duration.
+
+At most `max_concurrent` calls of GradientService (all but ListModels and DescribeModel) run
+at once; up to `max_queue` more wait for a place, first come, first served. A call that finds
+the queue full is refused at once with RESOURCE_EXHAUSTED, a `google.rpc.RetryInfo` detail
+and the `grpc-retry-pushback-ms` trailer that gRPC's built-in retry policy honours. Health
+and reflection are never limited.
+
+Every admitted call must finish within `max_call_seconds` of its arrival, whatever deadline
+the client set (or none): the engine stops through `deadline.time_limit`, and streams are cut
+between messages, with DEADLINE_EXCEEDED (reason CALL_TOO_LONG; see rpc/deadline.py).
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from gradtap.v1 import gradtap_pb2 as pb
+
+from ..errors import Cancelled, RequestError
+from .deadline import set_end, too_long
+from .handlers import behaviour_of, same_kind
+from .observability import observe_queue
+from .status import ERROR_DOMAIN, status_for
+
+_SERVICE = pb.DESCRIPTOR.services_by_name["GradientService"].full_name
+UNLIMITED_METHODS = frozenset((f"/{_SERVICE}/ListModels", f"/{_SERVICE}/DescribeModel"))
+"""Cheap GradientService methods that are never queued."""
+
+PUSHBACK_KEY = "grpc-retry-pushback-ms"
+"""Trailing metadata read by gRPC's retry policy: retry after this many ms; negative: don't."""
+
+OVERLOADED = "SERVER_OVERLOADED"
+
+_MIN_RETRY_DELAY = 0.1
+_MAX_RETRY_DELAY = 10.0
+_FIRST_GUESS = 1.0
+_DEADLINE_SLACK = 1.0
+"""The mean call duration assumed before any call has ended, in seconds."""
+
+
+def limited(method: str) -> bool:
+    """Whether calls of `method` ("/package.Service/Method") go through admission."""
+    return method.startswith(f"/{_SERVICE}/") and method not in UNLIMITED_METHODS
+
+
+@dataclass(frozen=True)
+class _Status(grpc.Status):  # type: ignore[misc]
+    code: grpc.StatusCode
+    details: str
+    trailing_metadata: tuple[tuple[str, str | bytes], ...]
+
+
+def overloaded_status(retry_delay: float, max_concurrent: int, max_queue: int) -> grpc.Status:
+    """RESOURCE_EXHAUSTED with ErrorInfo, RetryInfo and the grpc-retry-pushback-ms trailer."""
+    info = any_pb2.Any()
+    info.Pack(
+        error_details_pb2.ErrorInfo(
+            reason=OVERLOADED,
+            domain=ERROR_DOMAIN,
+            metadata={"max_concurrent_requests": str(max_concurrent), "max_queue": str(max_queue)},
+        )
+    )
+    retry = any_pb2.Any()
+    delay = duration_pb2.Duration()
+    delay.FromMilliseconds(round(retry_delay * 1e3))
+    retry.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    message = status_pb2.Status(
+        code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0],
+        message=(
+            f"the server is at capacity ({max_concurrent} calls running, {max_queue} waiting); "
+            f"retry in {retry_delay:.2f} s, or on another replica"
+        ),
+        details=[info, retry],
+    )
+    status = rpc_status.to_status(message)
+    pushback = (PUSHBACK_KEY, str(round(retry_delay * 1e3)))
+    return _Status(status.code, status.details, (*status.trailing_metadata, pushback))
+
+
+def _abort(context: grpc.ServicerContext, status: grpc.Status) -> NoReturn:
+    context.abort_with_status(status)
+    raise AssertionError("abort_with_status returns only by raising")
+
+
+def _no_retry(context: grpc.ServicerContext) -> None:
+    """Tells gRPC's retry policy not to retry a RESOURCE_EXHAUSTED that is not an overload
+    (a tensor or result over the limits, device memory): it would fail again.
+
+    Like observability's request id, this is added after abort_with_status replaced the
+    trailing metadata, so the status details stay.
+    """
+    if context.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return
+    trailing = tuple(context.trailing_metadata() or ())
+    if all(key != PUSHBACK_KEY for key, _ in trailing):
+        context.set_trailing_metadata((*trailing, (PUSHBACK_KEY, "-1")))
+
+
+@dataclass
+class _Ticket:
+    """A waiting call; `granted` is set under the lock when a place is handed to it."""
+
+    wake: threading.Event = field(default_factory=threading.Event)
+    granted: bool = False
+
+
+class Admission(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Bounds the running and waiting calls of the expensive methods, and their duration.
+
+    Waiting calls hold a server thread: the server's pool needs at least
+    `max_concurrent + max_queue` threads for them, on top of those for the other calls
+    (app.start sizes it so). Put this interceptor last (innermost), after authentication,
+    so that refused callers never take a place.
+    """
+
+    def __init__(self, max_concurrent: int, max_queue: int, max_call_seconds: float) -> None:
+        if max_concurrent < 1:
+            raise ValueError("max_concurrent_requests must be at least 1")
+        if max_queue < 0:
+            raise ValueError("max_queue must be at least 0")
+        if not max_call_seconds > 0:
+            raise ValueError("max_call_seconds must be more than 0")
+        self.max_concurrent = max_concurrent
+        self.max_queue = max_queue
+        self.max_call_seconds = max_call_seconds
+        self._lock = threading.Lock()
+        self._running = 0
+        self._waiting: deque[_Ticket] = deque()
+        # Mean duration of recent admitted calls, for the retry delay; None until one ends.
+        self._mean_seconds: float | None = None
+
+    @property
+    def running(self) -> int:
+        """Calls holding a place now."""
+        return self._running
+
+    def retry_delay(self) -> float:
+        """When a refused call should come back: about when a place frees up (the mean call
+        duration over the places), randomized up to twice that so that refused callers do
+        not all return at once."""
+        mean = self._mean_seconds if self._mean_seconds is not None else _FIRST_GUESS
+        base = mean / self.max_concurrent
+        return min(_MAX_RETRY_DELAY, max(_MIN_RETRY_DELAY, base * (1 + random.random())))
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        # Runs as the call arrives: its maximum duration counts from here.
+        ends = time.monotonic() + self.max_call_seconds
+        handler = continuation(handler_call_details)
+        if handler is None or not limited(handler_call_details.method):
+            return handler
+        if handler.response_streaming:
+            behaviour = self._streaming(behaviour_of(handler), ends)
+        else:
+            behaviour = self._unary(behaviour_of(handler), ends)
+        return same_kind(handler, behaviour)
+
+    # -- the handlers -----------------------------------------------------------------------
+
+    def _unary(
+        self, behaviour: Callable[[Any, grpc.ServicerContext], Any], ends: float
+    ) -> Callable[[Any, grpc.ServicerContext], Any]:
+        def unary(request: Any, context: grpc.ServicerContext) -> Any:
+            self._enter(context, ends)
+            admitted = time.monotonic()
+            set_end(ends)
+            try:
+                return behaviour(request, context)
+            except Exception:
+                _no_retry(context)
+                raise
+            finally:
+                set_end(None)
+                self._leave(admitted)
+
+        return unary
+
+    def _streaming(
+        self, behaviour: Callable[[Any, grpc.ServicerContext], Iterator[Any]], ends: float
+    ) -> Callable[[Any, grpc.ServicerContext], Iterator[Any]]:
+        def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            self._enter(context, ends)
+            admitted = time.monotonic()
+            set_end(ends)
+            responses = None
+            try:
+                responses = behaviour(request, context)
+                for response in responses:
+                    if time.monotonic() >= ends:
+                        _abort(context, status_for(too_long()))
+                    yield response
+            except Exception:
+                _no_retry(context)
+                raise
+            finally:
+                close = getattr(responses, "close", None)
+                if close is not None:
+                    close()
+                set_end(None)
+                self._leave(admitted)
+
+        return stream
+
+    # -- places -----------------------------------------------------------------------------
+
+    def _enter(self, context: grpc.ServicerContext, ends: float) -> None:
+        """Returns once the call holds a place; otherwise ends the call (abort raises)."""
+        with self._lock:
+            if self._running < self.max_concurrent and not self._waiting:
+                self._running += 1
+                return
+            if len(self._waiting) >= self.max_queue:
+                delay = self.retry_delay()
+                ticket = None
+            else:
+                ticket = _Ticket()
+                self._waiting.append(ticket)
+        if ticket is None:
+            _abort(context, overloaded_status(delay, self.max_concurrent, self.max_queue))
+        started = time.monotonic()
+        try:
+            admitted = self._wait(ticket, context, ends)
+        finally:
+            observe_queue(time.monotonic() - started)
+        if admitted:
+            return
+        error: RequestError
+        if time.monotonic() >= ends:
+            error = too_long()
+        else:  # the caller went away or its own deadline passed: nobody reads this status
+            error = Cancelled("the call ended while it waited for a place", reason="CANCELLED")
+        _abort(context, status_for(error))
+
+    def _wait(self, ticket: _Ticket, context: grpc.ServicerContext, ends: float) -> bool:
+        """Waits for `ticket` to be granted; False when the call ended or ran out of time."""
+        # The callback runs when the call ends for any reason: cancelled, its deadline passed
+        # (gRPC then tells the client itself), finished. The timeout is the server's limit,
+        # and a fallback a little after the client's deadline.
+        if context.add_callback(ticket.wake.set):
+            timeout = ends - time.monotonic()
+            remaining = context.time_remaining()
+            if remaining is not None:
+                timeout = min(timeout, remaining + _DEADLINE_SLACK)
+            ticket.wake.wait(max(0.0, timeout))
+        with self._lock:
+            if not ticket.granted:
+                self._waiting.remove(ticket)
+                return False
+        if context.is_active():
+            return True
+        self._hand_on()
+        return False
+
+    def _leave(self, admitted: float) -> None:
+        seconds = time.monotonic() - admitted
+        with self._lock:
+            mean = self._mean_seconds
+            self._mean_seconds = seconds if mean is None else 0.8 * mean + 0.2 * seconds
+        self._hand_on()
+
+    def _hand_on(self) -> None:
+        """Gives up a place: to the first waiting call, or back to the pool."""
+        with self._lock:
+            if self._waiting:
+                ticket = self._waiting.popleft()
+                ticket.granted = True
+                ticket.wake.set()
+            else:
+                self._running -= 1

@@ -1,0 +1,272 @@
+"""The server process: build the gRPC server, load models, report health, drain on SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from gradtap.v1 import gradtap_pb2 as pb
+
+from ..engine.analysis import Engine
+from ..engine.batching import Batcher
+from ..models.registry import Registry, load_repository
+from ..models.zoo import load_builtins
+from ..wire import shm
+from ..wire.frames import CHUNK_BYTES
+from . import tracing
+from .admission import Admission
+from .handlers import add_to_server
+from .observability import Observability, start_metrics
+from .security import TokenAuth, server_credentials
+from .servicer import GradientServicer, Limits
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GradientService"].full_name
+
+CONNECTION_AGE_MS = 5 * 60 * 1000
+"""How long a client connection lives before the server asks the client to reconnect."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How the server runs; `gradtap serve` fills this from its flags."""
+
+    device: str = "auto"
+    model_repository: Path | None = None
+    builtins: bool = True
+    max_workers: int = 8
+    max_request_bytes: int = 64 << 20
+    max_tensor_elements: int = 1 << 28
+    max_result_bytes: int = 2 << 30
+    # OpenTelemetry spans for every call (rpc/tracing.py; the otel extra).
+    tracing: bool = False
+    grace_seconds: float = 10.0
+    # Transport security and authentication (rpc/security.py).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    auth_token_file: Path | None = None
+    # Observability (rpc/observability.py): Prometheus metrics on this port when set.
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    # Overload protection (rpc/admission.py) and call duration.
+    max_concurrent_requests: int = 16
+    max_queue: int = 32
+    max_call_seconds: float = 300.0
+    # Dynamic batching (engine/batching.py); max_batch_size 1 turns it off.
+    max_batch_size: int = 16
+    batch_timeout_us: int = 2000
+    # The same-host transport (wire/shm.py): off unless asked for.
+    shared_memory: bool = False
+
+
+def _interceptors(settings: Settings) -> list[grpc.ServerInterceptor]:
+    """The interceptor chain, outermost first: trace, observe, authenticate, admit."""
+    chain: list[grpc.ServerInterceptor] = []
+    if settings.tracing:
+        chain.append(tracing.server_interceptor())
+    chain.append(Observability())
+    if settings.auth_token_file is not None:
+        chain.append(TokenAuth.from_file(settings.auth_token_file))
+    chain.append(
+        Admission(settings.max_concurrent_requests, settings.max_queue, settings.max_call_seconds)
+    )
+    return chain
+
+
+def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS (and mutual TLS) credentials from the settings; None for plaintext."""
+    if (settings.tls_cert is None) != (settings.tls_key is None):
+        raise ValueError("--tls-cert and --tls-key must be given together")
+    if settings.tls_cert is None or settings.tls_key is None:
+        if settings.tls_client_ca is not None:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    return server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+
+
+def resolve_device(name: str) -> torch.device:
+    """ "auto" means CUDA when present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but torch sees no CUDA device")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {name!r}: use auto, cpu or cuda")
+    return device
+
+
+@dataclass
+class Running:
+    """A started server and the handles needed to stop it well."""
+
+    server: grpc.Server
+    port: int
+    health: health.HealthServicer
+    registry: Registry
+    metrics_port: int | None = None
+    metrics_server: WSGIServer | None = None
+    batcher: Batcher | None = None
+    servicer: GradientServicer | None = None
+    admission: Admission | None = None
+
+    def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for service in ("", SERVICE_NAME):
+            self.health.set(service, status)
+
+    def drain(self, grace: float) -> None:
+        """Turns health NOT_SERVING, refuses new calls and lets in-flight ones finish."""
+        self.set_serving(False)
+        self.server.stop(grace).wait()
+        if self.servicer is not None:
+            self.servicer.close()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+            self.metrics_server.server_close()
+
+
+def start(
+    address: str = "127.0.0.1:0",
+    settings: Settings | None = None,
+    credentials: grpc.ServerCredentials | None = None,
+) -> Running:
+    """Starts a server on `address` (port 0 picks a free port), then loads the models.
+
+    Health answers NOT_SERVING until every model has loaded, then SERVING.
+    """
+    settings = settings or Settings()
+    device = resolve_device(settings.device)
+    if settings.shared_memory and not shm.DIRECTORY.is_dir():
+        raise ValueError(f"--shared-memory needs {shm.DIRECTORY} (a Linux host)")
+    registry = Registry(device)
+    engine = Engine(device)
+    interceptors = _interceptors(settings)
+    observability = next(i for i in interceptors if isinstance(i, Observability))
+    observability.known_model = lambda name: registry.get(name) is not None
+    # Admitted calls wait for a place on a server thread: they get threads of their own,
+    # and max_workers stay free for health, ListModels and DescribeModel. grpcio refuses
+    # calls past the pool (RESOURCE_EXHAUSTED) instead of queueing them without bound.
+    threads = settings.max_workers + settings.max_concurrent_requests + settings.max_queue
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gradtap"),
+        interceptors=interceptors,
+        maximum_concurrent_rpcs=threads,
+        options=[
+            ("grpc.max_receive_message_length", settings.max_request_bytes),
+            # Result messages carry at most 1 MiB of tensor bytes plus their headers.
+            ("grpc.max_send_message_length", 4 * CHUNK_BYTES),
+            ("grpc.so_reuseport", 0),
+            # Clients reconnect every few minutes, and re-resolve their target as they do:
+            # replicas added since (a scaled-up Deployment) then get their share of calls.
+            # Calls in flight may run to their maximum duration on the old connection.
+            ("grpc.max_connection_age_ms", CONNECTION_AGE_MS),
+            ("grpc.max_connection_age_grace_ms", round(settings.max_call_seconds * 1e3)),
+        ],
+    )
+    batcher = Batcher(
+        engine,
+        max_batch_size=settings.max_batch_size,
+        timeout_us=settings.batch_timeout_us,
+        observe=observability.observe_batch,
+    )
+    servicer = GradientServicer(
+        registry,
+        engine,
+        Limits(
+            max_tensor_elements=settings.max_tensor_elements,
+            max_result_bytes=settings.max_result_bytes,
+            shared_memory=settings.shared_memory,
+        ),
+        batcher,
+    )
+    add_to_server(servicer, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    credentials = credentials or _credentials(settings)
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
+    if port == 0:
+        raise OSError(f"could not bind {address}")
+    running = Running(
+        server=server,
+        port=port,
+        health=health_servicer,
+        registry=registry,
+        batcher=batcher,
+        servicer=servicer,
+        admission=next(i for i in interceptors if isinstance(i, Admission)),
+    )
+    if settings.metrics_port is not None:
+        running.metrics_server = start_metrics(
+            settings.metrics_port, settings.metrics_host, observability.registry
+        )
+        running.metrics_port = running.metrics_server.server_port
+    running.set_serving(False)
+    server.start()
+    try:
+        if settings.builtins:
+            load_builtins(registry)
+        if settings.model_repository is not None:
+            refused = load_repository(registry, settings.model_repository)
+            if refused:
+                log.error("refused %d model archive(s): %s", len(refused), ", ".join(refused))
+    except BaseException:
+        server.stop(None)
+        raise
+    running.set_serving(True)
+    log.info("serving %d model(s) on port %d (%s)", len(registry), port, device)
+    return running
+
+
+def create_server(
+    address: str = "127.0.0.1:0", settings: Settings | None = None
+) -> tuple[grpc.Server, int]:
+    """A started, SERVING server and its port: the testable factory."""
+    running = start(address, settings)
+    return running.server, running.port
+
+
+def serve(address: str, settings: Settings) -> None:
+    """Runs until SIGTERM or SIGINT, then drains within the grace period and returns."""
+    running = start(address, settings)
+    stopping = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("signal %d: draining for up to %.0f s", signum, settings.grace_seconds)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    print(
+        f"gradtap serving {len(running.registry)} model(s) on {address.rsplit(':', 1)[0]}:"
+        f"{running.port}",
+        flush=True,
+    )
+    # Poll rather than block: the kernel may deliver SIGTERM to any thread, and then nothing
+    # interrupts a main thread blocked on a lock, so its Python handler would never run.
+    while not stopping.wait(0.2):
+        pass
+    running.drain(settings.grace_seconds)

@@ -1,0 +1,97 @@
+"""Request tensors off the wire: checking and decoding them, and the wire's tables."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+
+from gradtap.v1 import gradtap_pb2 as pb
+
+from ..errors import InvalidArgument, ResourceExhausted
+
+if sys.byteorder != "little":  # the wire is little-endian and tensors are sent as raw memory
+    raise ImportError("gradtap's server needs a little-endian machine")
+
+MAX_RANK = 8
+"""Most dimensions a request tensor may have."""
+
+TORCH_DTYPES: dict[pb.DType.ValueType, torch.dtype] = {
+    pb.DTYPE_FLOAT32: torch.float32,
+    pb.DTYPE_FLOAT64: torch.float64,
+    pb.DTYPE_FLOAT16: torch.float16,
+    pb.DTYPE_BFLOAT16: torch.bfloat16,
+    pb.DTYPE_INT64: torch.int64,
+    pb.DTYPE_INT32: torch.int32,
+    pb.DTYPE_INT16: torch.int16,
+    pb.DTYPE_INT8: torch.int8,
+    pb.DTYPE_UINT8: torch.uint8,
+    pb.DTYPE_BOOL: torch.bool,
+}
+"""The dtype allow-list: wire dtype -> torch dtype."""
+
+WIRE_DTYPES: dict[torch.dtype, pb.DType.ValueType] = {v: k for k, v in TORCH_DTYPES.items()}
+
+REDUCES: dict[pb.Reduce.ValueType, str] = {
+    pb.REDUCE_SUM: "sum",
+    pb.REDUCE_MEAN: "mean",
+    pb.REDUCE_ABS_MEAN: "abs_mean",
+    pb.REDUCE_NORM: "norm",
+    pb.REDUCE_MAX: "max",
+}
+"""Wire reduce -> the engine's name (engine/reduce.py); REDUCE_UNSPECIFIED means none."""
+
+
+def decode(message: pb.Tensor, field: str, max_elements: int) -> torch.Tensor:
+    """Checks a request tensor's dtype, rank, size and byte length, then copies it out.
+
+    Every check happens before any tensor memory is allocated.
+    """
+    dtype = TORCH_DTYPES.get(message.dtype)
+    if dtype is None:
+        name = pb.DType.Name(message.dtype) if message.dtype in pb.DType.values() else message.dtype
+        raise InvalidArgument(
+            f"{field}.dtype {name} is not supported",
+            reason="UNSUPPORTED_DTYPE",
+            field=f"{field}.dtype",
+        )
+    shape = list(message.shape)
+    if len(shape) > MAX_RANK:
+        raise InvalidArgument(
+            f"{field} has rank {len(shape)}; at most {MAX_RANK} dimensions are accepted",
+            reason="RANK_TOO_HIGH",
+            field=f"{field}.shape",
+        )
+    if any(d < 0 for d in shape):
+        raise InvalidArgument(
+            f"{field}.shape has a negative dimension", reason="WRONG_SHAPE", field=f"{field}.shape"
+        )
+    elements = math.prod(shape)
+    # An empty tensor can still declare absurd sizes ([2**62, 2**62, 0]) that overflow
+    # torch's storage arithmetic: bound the product of the non-zero sizes as well.
+    if elements > max_elements or math.prod(d for d in shape if d) > max_elements:
+        raise ResourceExhausted(
+            f"{field}.shape {shape} declares more than the {max_elements} elements the server "
+            "accepts",
+            reason="TENSOR_TOO_LARGE",
+            field=f"{field}.shape",
+        )
+    expected = elements * dtype.itemsize
+    if len(message.data) != expected:
+        raise InvalidArgument(
+            f"{field}.data has {len(message.data)} bytes; shape {shape} of "
+            f"{pb.DType.Name(message.dtype)} needs {expected}",
+            reason="DATA_SIZE_MISMATCH",
+            field=f"{field}.data",
+        )
+    if dtype == torch.bool and message.data.translate(None, b"\x00\x01"):
+        raise InvalidArgument(
+            f"{field}.data holds a bool that is neither 0 nor 1",
+            reason="BAD_BOOL",
+            field=f"{field}.data",
+        )
+    flat = torch.frombuffer(bytearray(message.data), dtype=torch.uint8) if expected else None
+    if flat is None:
+        return torch.empty(shape, dtype=dtype)
+    return flat.view(dtype).reshape(shape)
