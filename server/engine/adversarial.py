@@ -168,7 +168,7 @@ def _check(model: Model, request: Perturbation) -> tuple[int, Objective]:
             reason="OBJECTIVE_REQUIRED",
             field="objective",
         )
-    Engine.check_inputs(model, request.inputs)
+    model.check_inputs(request.inputs)
     floating = [i for i, t in enumerate(request.inputs) if t.is_floating_point()]
     if len(floating) != 1:
         raise InvalidArgument(

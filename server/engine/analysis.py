@@ -21,8 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import Cancelled, InvalidArgument, ResourceExhausted
-from ..models import params as _params
-from ..models.model import Model
+from ..models.model import Model, dtype_name
 from . import reduce as _reduce
 
 _VARIANTS_PER_MODEL = 32
@@ -205,58 +204,6 @@ class Engine:
         release(module)
         return functools.partial(_interpreted, model, captures)
 
-    # -- request checks ---------------------------------------------------------------------
-
-    @staticmethod
-    def resolve(model: Model, name: str) -> str | None:
-        """The graph node a target name means: a node name, else a module path's output."""
-        if name in model.nodes:
-            return name
-        module = model.modules.get(name)
-        return module[1] if module else None
-
-    @staticmethod
-    def check_inputs(model: Model, inputs: Sequence[torch.Tensor]) -> None:
-        """Checks count, dtype and shape of every input against the exported input specs."""
-        if len(inputs) != len(model.inputs):
-            raise InvalidArgument(
-                f"{model.name} takes {len(model.inputs)} input(s), got {len(inputs)}",
-                reason="WRONG_INPUT_COUNT",
-                field="inputs",
-            )
-        bound: dict[str, tuple[int, int]] = {}
-        for i, (tensor, spec) in enumerate(zip(inputs, model.inputs)):
-            if tensor.dtype != spec.dtype:
-                raise InvalidArgument(
-                    f"inputs[{i}] has dtype {_dtype_name(tensor.dtype)}, "
-                    f"{model.name} expects {_dtype_name(spec.dtype)}",
-                    reason="WRONG_DTYPE",
-                    field=f"inputs[{i}].dtype",
-                )
-            if tensor.dim() != len(spec.dims):
-                raise InvalidArgument(
-                    f"inputs[{i}] has shape {list(tensor.shape)}, {model.name} expects "
-                    f"{_shape_text(spec.dims)}",
-                    reason="WRONG_SHAPE",
-                    field=f"inputs[{i}].shape",
-                )
-            for d, (size, dim) in enumerate(zip(tensor.shape, spec.dims)):
-                ok = (
-                    size == dim.size
-                    if dim.size is not None
-                    else (size >= dim.min and (dim.max is None or size <= dim.max))
-                )
-                if dim.size is None and ok:
-                    first = bound.setdefault(dim.symbol, (size, i))
-                    ok = first[0] == size
-                if not ok:
-                    raise InvalidArgument(
-                        f"inputs[{i}] has shape {list(tensor.shape)}, {model.name} expects "
-                        f"{_shape_text(spec.dims)} (dimension {d})",
-                        reason="WRONG_SHAPE",
-                        field=f"inputs[{i}].shape",
-                    )
-
     # -- the analysis -----------------------------------------------------------------------
 
     def analyze(self, model: Model, request: Analysis, should_stop: ShouldStop = _never) -> Outcome:
@@ -273,7 +220,7 @@ class Engine:
 
     def _analyze(self, model: Model, request: Analysis, should_stop: ShouldStop) -> Outcome:
         started = time.perf_counter()
-        self.check_inputs(model, request.inputs)
+        model.check_inputs(request.inputs)
         plan = self._planned(model, request)
         captures, target_nodes = plan.captures, plan.target_nodes
         param_positions = plan.param_positions
@@ -434,7 +381,7 @@ class Engine:
         if plan is not None:
             return plan
         captures, target_nodes = self._plan(model, request)
-        param_positions = tuple(_params.resolve(model, request.param_grads))
+        param_positions = tuple(model.param_positions(request.param_grads))
         wants_grad = request.input_gradients or any(t.gradient for t in request.targets)
         if (wants_grad or param_positions) and objective is None:
             raise InvalidArgument(
@@ -446,7 +393,7 @@ class Engine:
             node not in model.input_dependent
             for node in self._grad_sites(model, request, target_nodes)
         )
-        site_node = self.resolve(model, objective.node) if objective and objective.node else None
+        site_node = model.resolve(objective.node) if objective and objective.node else None
         grad_nodes = tuple(
             dict.fromkeys(node for t, node in zip(request.targets, target_nodes) if t.gradient)
         )
@@ -477,7 +424,7 @@ class Engine:
         seen: set[tuple[str, bool, bool]] = set()
         target_nodes = []
         for i, target in enumerate(request.targets):
-            node = self.resolve(model, target.name)
+            node = model.resolve(target.name)
             if node is None:
                 raise InvalidArgument(
                     f"unknown target {_clip(target.name)!r}: not a graph node or module path of "
@@ -496,7 +443,7 @@ class Engine:
             if target.gradient and not model.nodes[node].differentiable:
                 raise InvalidArgument(
                     f"target {_clip(target.name)!r} has dtype "
-                    f"{_dtype_name(model.nodes[node].spec.dtype)}: it has an activation "
+                    f"{dtype_name(model.nodes[node].spec.dtype)}: it has an activation "
                     "but no gradient",
                     reason="NOT_DIFFERENTIABLE",
                     field=f"targets[{i}].capture",
@@ -508,7 +455,7 @@ class Engine:
         objective = request.objective
         if objective is not None:
             if objective.node:
-                node = self.resolve(model, objective.node)
+                node = model.resolve(objective.node)
                 if node is None:
                     raise InvalidArgument(
                         f"unknown objective node {_clip(objective.node)!r}",
@@ -532,7 +479,7 @@ class Engine:
         objective = request.objective
         if objective is not None:
             if objective.node:
-                node = self.resolve(model, objective.node)
+                node = model.resolve(objective.node)
                 sites.append(node or "")
             else:
                 sites.append(model.output_nodes[objective.output])
@@ -559,7 +506,7 @@ def _loss(objective: Objective, site: torch.Tensor) -> torch.Tensor:
     f = objective.field
     if not site.is_floating_point():
         raise InvalidArgument(
-            f"the objective's site has dtype {_dtype_name(site.dtype)}; it needs floating point",
+            f"the objective's site has dtype {dtype_name(site.dtype)}; it needs floating point",
             reason="NOT_DIFFERENTIABLE",
             field=f"{f}.site",
         )
@@ -692,15 +639,3 @@ def _detached(t: torch.Tensor) -> torch.Tensor:
 
 def _clip(text: str, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _shape_text(dims: Sequence[object]) -> str:
-    parts = []
-    for d in dims:
-        size = getattr(d, "size", None)
-        parts.append(str(size) if size is not None else getattr(d, "symbol", "?"))
-    return "[" + ", ".join(parts) + "]"

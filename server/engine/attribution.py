@@ -36,7 +36,7 @@ from torch import nn
 
 from ..errors import Cancelled, InvalidArgument, ResourceExhausted
 from ..models.model import Model
-from .analysis import Engine, ShouldStop, release
+from .analysis import ShouldStop, release
 
 CAPTUM_VERSION: str = captum.__version__
 
@@ -172,7 +172,7 @@ def _plan(model: Model, request: Attribution) -> _Plan:
             reason="UNKNOWN_METHOD",
             field="method",
         )
-    Engine.check_inputs(model, request.inputs)
+    model.check_inputs(request.inputs)
     if request.output >= len(model.outputs):
         raise InvalidArgument(
             f"output {request.output} does not exist: {model.name} has "
@@ -267,7 +267,7 @@ def _layer(model: Model, request: Attribution, method: Method) -> str | None:
             reason="LAYER_REQUIRED",
             field="node",
         )
-    node = Engine.resolve(model, request.layer)
+    node = model.resolve(request.layer)
     if node is None:
         raise InvalidArgument(
             f"unknown node {request.layer[:80]!r}: not a graph node or module path of "

@@ -73,11 +73,11 @@ def _batch_first(
     """True when every targeted node, the objective's site and every output carry the batch
     dimension first. None for an unknown name or output: such requests run alone (and fail
     there), and neither keys nor the cache of answers ever hold what does not resolve."""
-    nodes = [Engine.resolve(model, name) for name in targets]
+    nodes = [model.resolve(name) for name in targets]
     if site is not None:
         site_node, output = site
         if site_node:
-            nodes.append(Engine.resolve(model, site_node))
+            nodes.append(model.resolve(site_node))
         elif output >= len(model.outputs):
             return None
     for node in nodes:

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 import torch
 
 from ..errors import ResourceExhausted
-from ..models.model import Dim, Model
-from .analysis import Analysis, Engine
+from ..models.model import ALL_PARAMETERS, Dim, Model
+from .analysis import Analysis
 
 
 def _bindings(model: Model, inputs: Sequence[torch.Tensor]) -> dict[str, int]:
@@ -40,7 +40,7 @@ def tensor_bytes(model: Model, analysis: Analysis) -> list[int]:
     bound = _bindings(model, analysis.inputs)
     sizes = []
     for target in analysis.targets:
-        node = Engine.resolve(model, target.name)
+        node = model.resolve(target.name)
         if node is None or target.reduction is not None:
             continue
         spec = model.nodes[node].spec
@@ -53,7 +53,7 @@ def tensor_bytes(model: Model, analysis: Analysis) -> list[int]:
             sizes.append(math.prod(_size(d, bound) for d in spec.dims) * spec.dtype.itemsize)
     wanted = set(analysis.param_grads)
     for name, value, is_param in model.state:
-        if is_param and ("*" in wanted or name in wanted):
+        if is_param and (ALL_PARAMETERS in wanted or name in wanted):
             sizes.append(value.numel() * value.element_size())
     return sizes
 

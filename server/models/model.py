@@ -1,9 +1,15 @@
-"""What a model is: an exported program indexed for targeting (specs, nodes, modules, state)."""
+"""What a model is: an exported program indexed for targeting, and the questions asked of it.
+
+A request names nodes, inputs and parameters; the model answers which graph node a name
+means (`resolve`), whether inputs fit its exported specs (`check_inputs`), and which of its
+parameters a list of names picks (`param_positions`).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,7 +17,7 @@ import torch
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
 
-from ..errors import ModelLoadError
+from ..errors import InvalidArgument, ModelLoadError
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,101 @@ class Model:
     """Nodes whose value depends on a floating-point user input (so carry its gradient)."""
     batchable: bool = True
     """False when the model opted out of dynamic batching (see engine/batching.py)."""
+
+    def resolve(self, name: str) -> str | None:
+        """The graph node a name means: a node name, else a module path's output."""
+        if name in self.nodes:
+            return name
+        module = self.modules.get(name)
+        return module[1] if module else None
+
+    def check_inputs(self, inputs: Sequence[torch.Tensor]) -> None:
+        """Checks count, dtype and shape of every input against the exported input specs.
+
+        Only dtypes and shapes are read, so tensors without storage (on the meta device)
+        can be checked before a byte of their data is copied.
+        """
+        if len(inputs) != len(self.inputs):
+            raise InvalidArgument(
+                f"{self.name} takes {len(self.inputs)} input(s), got {len(inputs)}",
+                reason="WRONG_INPUT_COUNT",
+                field="inputs",
+            )
+        bound: dict[str, tuple[int, int]] = {}
+        for i, (tensor, spec) in enumerate(zip(inputs, self.inputs)):
+            if tensor.dtype != spec.dtype:
+                raise InvalidArgument(
+                    f"inputs[{i}] has dtype {dtype_name(tensor.dtype)}, "
+                    f"{self.name} expects {dtype_name(spec.dtype)}",
+                    reason="WRONG_DTYPE",
+                    field=f"inputs[{i}].dtype",
+                )
+            if tensor.dim() != len(spec.dims):
+                raise InvalidArgument(
+                    f"inputs[{i}] has shape {list(tensor.shape)}, {self.name} expects "
+                    f"{_shape_text(spec.dims)}",
+                    reason="WRONG_SHAPE",
+                    field=f"inputs[{i}].shape",
+                )
+            for d, (size, dim) in enumerate(zip(tensor.shape, spec.dims)):
+                ok = (
+                    size == dim.size
+                    if dim.size is not None
+                    else (size >= dim.min and (dim.max is None or size <= dim.max))
+                )
+                if dim.size is None and ok:
+                    first = bound.setdefault(dim.symbol, (size, i))
+                    ok = first[0] == size
+                if not ok:
+                    raise InvalidArgument(
+                        f"inputs[{i}] has shape {list(tensor.shape)}, {self.name} expects "
+                        f"{_shape_text(spec.dims)} (dimension {d})",
+                        reason="WRONG_SHAPE",
+                        field=f"inputs[{i}].shape",
+                    )
+
+    def param_positions(self, names: Sequence[str]) -> list[int]:
+        """Positions in `state` of the named parameters, in state order, each once;
+        ALL_PARAMETERS ("*") names every parameter.
+
+        Raises InvalidArgument naming `param_grads[i]` for an unknown name or a buffer.
+        """
+        positions = {name: i for i, (name, _, _) in enumerate(self.state)}
+        wanted: set[int] = set()
+        for i, name in enumerate(names):
+            if name == ALL_PARAMETERS:
+                wanted.update(p for p, (_, _, is_param) in enumerate(self.state) if is_param)
+                continue
+            position = positions.get(name)
+            if position is None:
+                shown = name if len(name) <= 80 else name[:80] + "..."
+                raise InvalidArgument(
+                    f"unknown parameter {shown!r}: not a state-dict name of {self.name} "
+                    "(DescribeModel lists its parameters)",
+                    reason="UNKNOWN_PARAMETER",
+                    field=f"param_grads[{i}]",
+                )
+            if not self.state[position][2]:
+                raise InvalidArgument(
+                    f"{name!r} is a buffer of {self.name}, not a parameter: it has no gradient",
+                    reason="NOT_A_PARAMETER",
+                    field=f"param_grads[{i}]",
+                )
+            wanted.add(position)
+        return sorted(wanted)
+
+
+ALL_PARAMETERS = "*"
+"""The parameter name that means every parameter."""
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """A dtype as messages name it: "float32", not "torch.float32"."""
+    return str(dtype).removeprefix("torch.")
+
+
+def _shape_text(dims: Sequence[Dim]) -> str:
+    return "[" + ", ".join(str(d.size) if d.size is not None else d.symbol for d in dims) + "]"
 
 
 def _dim(size: Any, ranges: dict[Any, Any]) -> Dim:

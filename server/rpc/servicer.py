@@ -121,7 +121,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         started = time.perf_counter()
         model = self._model(request.model)
         analysis = self._analysis(request)
-        self.engine.check_inputs(model, analysis.inputs)
+        model.check_inputs(analysis.inputs)
         sizes = budget.check(model, analysis, self.limits.max_result_bytes)
         opened = (
             self._region(request, sizes, context)
@@ -204,7 +204,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
                     )
                 model = item_model
                 analysis = self._analysis(request.item)
-                self.engine.check_inputs(model, analysis.inputs)
+                model.check_inputs(analysis.inputs)
                 budget.check(model, analysis, self.limits.max_result_bytes)
                 if aggregator is not None:
                     aggregator.check(analysis)
