@@ -24,12 +24,13 @@ from ..models.registry import Registry, load_repository
 from ..models.zoo import load_builtins
 from ..wire import shm
 from ..wire.frames import CHUNK_BYTES
+from ..wire.requests import Limits
 from . import tracing
 from .admission import Admission
 from .handlers import add_to_server
 from .observability import Observability, start_metrics
 from .security import TokenAuth, server_credentials
-from .servicer import GradientServicer, Limits
+from .servicer import GradientServicer
 
 log = logging.getLogger(__name__)
 

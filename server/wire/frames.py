@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import TypeVar
 
 import torch
@@ -30,6 +30,7 @@ ROLES = {
     Role.ATTRIBUTION: pb.TENSOR_ROLE_ATTRIBUTION,
     Role.ADVERSARIAL: pb.TENSOR_ROLE_ADVERSARIAL,
 }
+
 
 def header(tensors: Sequence[Collected]) -> pb.AnalyzeHeader:
     """Announces every tensor of a result, in the order its bytes will follow."""
@@ -160,14 +161,3 @@ def frames(tensors: Sequence[Collected], first: M, summary: Message) -> Iterator
         message = kind()
     message.summary.CopyFrom(summary)  # type: ignore[attr-defined]
     yield message
-
-
-T = TypeVar("T")
-
-
-def indexed(messages: Iterable[T], index: int) -> Iterator[T]:
-    """Tags an item's response messages with its index; pre-encoded chunks pass as they are."""
-    for message in messages:
-        if isinstance(message, pb.AnalyzeManyResponse):
-            message.index = index
-        yield message

@@ -1,31 +1,62 @@
-"""Requests off the wire: Attribute and Perturb decoded, and their streams framed; AnalyzeMany's
-item-tagged errors.
+"""Requests off the wire: each RPC's message decoded into the engine's objects and checked.
 
-The streams are framed as Analyze's are (header, chunks of at most 1 MiB, summary), with
-TensorHeader roles ATTRIBUTION and ADVERSARIAL; Perturb sends one progress message per
-step before its result.
+Errors name the request field at fault, e.g. `targets[2].name`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from gradtap.v1 import gradtap_pb2 as pb
 
-from ..engine.adversarial import ZERO_THRESHOLD, Perturbation, Perturbed, Step
-from ..engine.analysis import Collected, Objective, Role
-from ..engine.attribution import CAPTUM_VERSION, Attributed, Attribution
-from ..errors import InvalidArgument, RequestError
+from ..engine import budget
+from ..engine.adversarial import ZERO_THRESHOLD, Perturbation
+from ..engine.aggregate import Aggregator
+from ..engine.analysis import Analysis, Objective, Target
+from ..engine.attribution import Attribution
+from ..engine.reduce import Reduction
+from ..errors import FailedPrecondition, InvalidArgument, NotFound, RequestError
 from ..models.model import Model
-from . import frames
+from ..models.registry import MODEL_NAME, Registry
+from . import shm
+from .tensors import REDUCES, TORCH_DTYPES, decode
 
-TensorDecoder = Callable[[pb.Tensor, str], torch.Tensor]
-"""Decodes a request tensor, naming its field in errors (GradientServicer._tensor)."""
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask of the server."""
+
+    max_tensor_elements: int = 1 << 28
+    max_result_bytes: int = 2 << 30
+    shared_memory: bool = False
+    """Whether callers on this host may have results written into their shared memory."""
+
+
+_CAPTURES = {
+    pb.CAPTURE_UNSPECIFIED: (False, True),
+    pb.CAPTURE_GRADIENT: (False, True),
+    pb.CAPTURE_ACTIVATION: (True, False),
+    pb.CAPTURE_GRADIENT_AND_ACTIVATION: (True, True),
+}
+"""Capture -> (activation, gradient)."""
+
+_AUTOCAST = {
+    pb.PRECISION_UNSPECIFIED: False,
+    pb.PRECISION_FULL: False,
+    pb.PRECISION_BFLOAT16_AUTOCAST: True,
+}
+"""Precision -> whether the forward pass runs under bfloat16 autocast."""
+
+_REDUCTIONS = {
+    pb.LOSS_REDUCTION_UNSPECIFIED: "mean",
+    pb.LOSS_REDUCTION_MEAN: "mean",
+    pb.LOSS_REDUCTION_SUM: "sum",
+}
 
 ATTRIBUTION_METHODS: dict[pb.AttributionMethod.ValueType, str] = {
     pb.ATTRIBUTION_METHOD_SALIENCY: "saliency",
@@ -56,14 +87,237 @@ NORMS: dict[pb.PerturbNorm.ValueType, str] = {
 }
 
 
+def model(registry: Registry, ref: pb.Model) -> Model:
+    """The served model a request names, at the digest it pins (if it pins one)."""
+    if not ref.name:
+        raise InvalidArgument("model.name is required", reason="MISSING_MODEL", field="model.name")
+    if not MODEL_NAME.fullmatch(ref.name):
+        raise InvalidArgument(
+            f"model.name must match {MODEL_NAME.pattern}",
+            reason="BAD_MODEL_NAME",
+            field="model.name",
+        )
+    found = registry.get(ref.name)
+    if found is None:
+        raise NotFound(f"no model named {ref.name!r}", reason="MODEL_NOT_FOUND", field="model.name")
+    if ref.digest and ref.digest != found.digest:
+        raise FailedPrecondition(
+            f"model {ref.name!r} has digest {found.digest}, not the pinned {ref.digest[:80]}",
+            reason="DIGEST_MISMATCH",
+            field="model.digest",
+        )
+    return found
+
+
+# -- Analyze and AnalyzeMany ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AnalyzeCall:
+    """A decoded Analyze request: the engine's analysis, and where its result goes."""
+
+    analysis: Analysis
+    region: shm.RegionRequest | None = None
+    """The caller's shared-memory region, checked and big enough; None streams the result."""
+
+
+def analyze(
+    request: pb.AnalyzeRequest,
+    served: Model,
+    limits: Limits,
+    peer: Callable[[], str] | None = None,
+) -> AnalyzeCall:
+    """Decodes and checks an Analyze request for `served`.
+
+    `peer` says where the caller is (a gRPC peer string); it is asked only when the request
+    names a shared-memory region. Without it the region is ignored, as for AnalyzeMany items.
+    """
+    analysis, sizes = _analysis(request, served, limits)
+    region = None
+    if peer is not None and request.HasField("shared_memory"):
+        region = _region(request.shared_memory, sizes, limits, peer())
+    return AnalyzeCall(analysis, region)
+
+
+def many_options(first: pb.AnalyzeManyRequest) -> pb.AnalyzeManyOptions:
+    """The stream's options, from its first message."""
+    options = first.options
+    if options.omit_items and not options.aggregate:
+        raise InvalidArgument(
+            "omit_items sends nothing back without aggregate",
+            reason="BAD_OPTIONS",
+            field="options.omit_items",
+        )
+    return options
+
+
+def many_item(
+    request: pb.AnalyzeManyRequest,
+    registry: Registry,
+    first: Model | None,
+    limits: Limits,
+    aggregate: bool,
+) -> tuple[Model, Analysis]:
+    """One item of an AnalyzeMany stream: its model (that of the first item) and analysis.
+
+    Errors name the field inside the item; `item` adds the item's position.
+    """
+    served = model(registry, request.item.model)
+    if first is not None and served is not first:
+        raise InvalidArgument(
+            f"every item must name the model of the first, {first.name!r}",
+            reason="MODEL_CHANGED",
+            field="model.name",
+        )
+    analysis, _ = _analysis(request.item, served, limits)
+    if aggregate:
+        Aggregator.check(analysis)
+    return served, analysis
+
+
+@contextlib.contextmanager
+def item(index: int) -> Iterator[None]:
+    """Names the item in any RequestError raised inside: field items[K].<field>."""
+    try:
+        yield
+    except RequestError as e:
+        field = f"items[{index}].{e.field}" if e.field else f"items[{index}]"
+        raise type(e)(f"item {index}: {e.message}", reason=e.reason, field=field) from e
+
+
+def _analysis(
+    request: pb.AnalyzeRequest, served: Model, limits: Limits
+) -> tuple[Analysis, list[int]]:
+    """The analysis, checked against the model, and its result's estimated tensor bytes."""
+    inputs = [
+        decode(t, f"inputs[{i}]", limits.max_tensor_elements) for i, t in enumerate(request.inputs)
+    ]
+    targets = [_target(t, i) for i, t in enumerate(request.targets)]
+    objective = _objective(request.objective, limits) if request.HasField("objective") else None
+    if request.precision not in _AUTOCAST:
+        raise InvalidArgument(
+            f"precision has unknown value {request.precision}",
+            reason="BAD_PRECISION",
+            field="precision",
+        )
+    analysis = Analysis(
+        inputs=inputs,
+        targets=targets,
+        objective=objective,
+        input_gradients=request.input_grads,
+        outputs=request.outputs,
+        param_grads=list(request.param_grads),
+        autocast=_AUTOCAST[request.precision],
+    )
+    served.check_inputs(analysis.inputs)
+    return analysis, budget.check(served, analysis, limits.max_result_bytes)
+
+
+def _target(target: pb.TargetLayer, i: int) -> Target:
+    if not target.name:
+        raise InvalidArgument(
+            f"targets[{i}].name is empty", reason="UNKNOWN_TARGET", field=f"targets[{i}].name"
+        )
+    if target.capture not in _CAPTURES:
+        raise InvalidArgument(
+            f"targets[{i}].capture has unknown value {target.capture}",
+            reason="BAD_CAPTURE",
+            field=f"targets[{i}].capture",
+        )
+    activation, gradient = _CAPTURES[target.capture]
+    return Target(
+        name=target.name,
+        activation=activation,
+        gradient=gradient,
+        reduction=_reduction(target, i),
+    )
+
+
+def _reduction(target: pb.TargetLayer, i: int) -> Reduction | None:
+    """The engine's Reduction for a target's reduction and transfer dtype; None for neither."""
+    field = f"targets[{i}]"
+    dtype = None
+    if target.dtype != pb.DTYPE_UNSPECIFIED:
+        dtype = TORCH_DTYPES.get(target.dtype)
+        if dtype is None:
+            raise InvalidArgument(
+                f"{field}.dtype has unknown value {target.dtype}",
+                reason="UNSUPPORTED_TRANSFER_DTYPE",
+                field=f"{field}.dtype",
+            )
+    r = target.reduction
+    if r.reduce != pb.REDUCE_UNSPECIFIED and r.reduce not in REDUCES:
+        raise InvalidArgument(
+            f"{field}.reduction.reduce has unknown value {r.reduce}",
+            reason="BAD_REDUCTION",
+            field=f"{field}.reduction.reduce",
+        )
+    reduction = Reduction(
+        reduce=REDUCES.get(r.reduce), dims=tuple(r.dims) or None, topk=r.topk, dtype=dtype
+    )
+    return None if reduction == Reduction() else reduction
+
+
+def _objective(message: pb.Objective, limits: Limits) -> Objective:
+    kind = message.WhichOneof("kind")
+    if kind is None:
+        raise InvalidArgument(
+            "objective is set but names no kind", reason="BAD_OBJECTIVE", field="objective"
+        )
+    body = getattr(message, kind)
+    field = f"objective.{kind}"
+    tensor = None
+    for name in ("labels", "expected", "grad_output"):
+        if name in body.DESCRIPTOR.fields_by_name and body.HasField(name):
+            tensor = decode(getattr(body, name), f"{field}.{name}", limits.max_tensor_elements)
+    reduction = "mean"
+    if "reduction" in body.DESCRIPTOR.fields_by_name:
+        if body.reduction not in _REDUCTIONS:
+            raise InvalidArgument(
+                f"{field}.reduction has unknown value {body.reduction}",
+                reason="BAD_OBJECTIVE",
+                field=f"{field}.reduction",
+            )
+        reduction = _REDUCTIONS[body.reduction]
+    return Objective(
+        kind=kind,
+        output=body.site.output,
+        node=body.site.node,
+        index=tuple(body.index) if kind == "logit" else (),
+        tensor=tensor,
+        reduction=reduction,
+        field=field,
+    )
+
+
+def _region(
+    message: pb.SharedMemoryRegion, sizes: Sequence[int], limits: Limits, peer: str
+) -> shm.RegionRequest:
+    """The caller's shared-memory region, checked before any work; `sizes` are the result's
+    estimated tensor bytes."""
+    ask = shm.RegionRequest(name=message.name, size=message.size, token=message.token)
+    shm.check_request(ask, enabled=limits.shared_memory, local=shm.is_local(peer))
+    _, needed = shm.layout(sizes)
+    if needed > ask.size:
+        raise shm.too_small(ask, needed)
+    return ask
+
+
+# -- Attribute and Perturb --------------------------------------------------------------------
+
+
 def _enum_error(what: str, value: int, field: str) -> InvalidArgument:
     reason = "UNKNOWN_METHOD" if field == "method" else "BAD_PARAMETER"
     message = f"{field} is required" if value == 0 else f"{field} has unknown value {value}"
     return InvalidArgument(f"{message}: the {what}", reason=reason, field=field)
 
 
-def attribution(request: pb.AttributeRequest, tensor: TensorDecoder) -> Attribution:
-    """An engine-side Attribution from the request; params keep only the fields set."""
+def attribution(request: pb.AttributeRequest, limits: Limits) -> Attribution:
+    """Decodes an Attribute request; params keep only the fields set."""
+
+    def tensor(message: pb.Tensor, field: str) -> torch.Tensor:
+        return decode(message, field, limits.max_tensor_elements)
+
     method = ATTRIBUTION_METHODS.get(request.method)
     if method is None:
         raise _enum_error("attribution method", request.method, "method")
@@ -89,10 +343,13 @@ def attribution(request: pb.AttributeRequest, tensor: TensorDecoder) -> Attribut
     )
 
 
-def perturbation(
-    request: pb.PerturbRequest, objective: Objective | None, tensor: TensorDecoder
-) -> Perturbation:
-    """An engine-side Perturbation from the request and its decoded objective."""
+def perturbation(request: pb.PerturbRequest, limits: Limits) -> Perturbation:
+    """Decodes a Perturb request."""
+
+    def tensor(message: pb.Tensor, field: str) -> torch.Tensor:
+        return decode(message, field, limits.max_tensor_elements)
+
+    objective = _objective(request.objective, limits) if request.HasField("objective") else None
     method = PERTURB_METHODS.get(request.method)
     if method is None:
         raise _enum_error("perturbation method (fgsm or pgd)", request.method, "method")
@@ -117,75 +374,3 @@ def perturbation(
             request.zero_threshold if request.HasField("zero_threshold") else ZERO_THRESHOLD
         ),
     )
-
-
-# -- framing ----------------------------------------------------------------------------------
-
-
-def _single(role: Role, index: int, tensor: torch.Tensor) -> list[Collected]:
-    return [Collected(role, "", index, tensor)]
-
-
-def attribute_responses(
-    outcome: Attributed, model: Model, replica: str, started: float
-) -> Iterator[pb.AttributeResponse | bytes]:
-    """The Attribute stream for a finished attribution."""
-
-    summary = pb.AttributeSummary(
-        model_digest=model.digest,
-        device=outcome.device,
-        torch_version=torch.__version__,
-        captum_version=CAPTUM_VERSION,
-        replica=replica,
-        tensor_count=1,
-        seed=outcome.seed,
-        internal_batch_size=outcome.internal_batch_size,
-        compute_ms=outcome.compute_ms,
-        total_ms=(time.perf_counter() - started) * 1e3,
-    )
-
-    tensors = _single(Role.ATTRIBUTION, outcome.index, outcome.tensor)
-    first = pb.AttributeResponse(header=frames.header(tensors))
-    yield from frames.frames(tensors, first, summary)
-
-
-def perturb_responses(
-    events: Iterator[Step | Perturbed], model: Model, replica: str, started: float
-) -> Iterator[pb.PerturbResponse | bytes]:
-    """The Perturb stream: a progress message per step as the loop runs, then the result."""
-    for event in events:
-        if isinstance(event, Step):
-            yield pb.PerturbResponse(progress=pb.PerturbProgress(step=event.step, loss=event.loss))
-        else:
-            yield from _perturb_result(event, model, replica, started)
-
-
-def _perturb_result(
-    result: Perturbed, model: Model, replica: str, started: float
-) -> Iterator[pb.PerturbResponse | bytes]:
-    summary = pb.PerturbSummary(
-        objective_before=result.objective_before,
-        objective_after=result.objective_after,
-        losses=result.losses,
-        model_digest=model.digest,
-        device=result.device,
-        torch_version=torch.__version__,
-        replica=replica,
-        tensor_count=1,
-        seed=result.seed,
-        total_ms=(time.perf_counter() - started) * 1e3,
-    )
-
-    tensors = _single(Role.ADVERSARIAL, result.index, result.adversarial)
-    first = pb.PerturbResponse(header=frames.header(tensors))
-    yield from frames.frames(tensors, first, summary)
-
-
-@contextlib.contextmanager
-def item(index: int) -> Iterator[None]:
-    """Names the item in any RequestError raised inside: field items[K].<field>."""
-    try:
-        yield
-    except RequestError as e:
-        field = f"items[{index}].{e.field}" if e.field else f"items[{index}]"
-        raise type(e)(f"item {index}: {e.message}", reason=e.reason, field=field) from e

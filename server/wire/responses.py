@@ -1,0 +1,225 @@
+"""Responses onto the wire: model listings, and every RPC's result stream and summary.
+
+Result streams are framed alike (wire/frames.py): a header, chunks of at most 1 MiB, a
+summary; Attribute's tensor has the role ATTRIBUTION and Perturb's ADVERSARIAL, and Perturb
+sends one progress message per step before its result.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+import torch
+
+from gradtap.v1 import gradtap_pb2 as pb
+
+from ..engine.adversarial import Perturbed, Step
+from ..engine.aggregate import Aggregator
+from ..engine.analysis import Collected, Outcome, Role
+from ..engine.attribution import CAPTUM_VERSION, Attributed
+from ..models.model import Model, Spec
+from ..models.registry import Registry
+from . import shm
+from .frames import frames, header, on_host
+from .tensors import WIRE_DTYPES
+
+T = TypeVar("T")
+
+
+def _ms_since(t: float) -> float:
+    return (time.perf_counter() - t) * 1e3
+
+
+# -- ListModels and DescribeModel -------------------------------------------------------------
+
+
+def model_list(registry: Registry) -> pb.ListModelsResponse:
+    """Every served model."""
+    return pb.ListModelsResponse(models=[_summary(m) for m in registry])
+
+
+def description(model: Model) -> pb.DescribeModelResponse:
+    """A model's inputs, outputs, nodes, modules and parameters."""
+    return pb.DescribeModelResponse(
+        model=_summary(model),
+        inputs=[_spec(s) for s in model.inputs],
+        outputs=[_spec(s) for s in model.outputs],
+        nodes=[
+            pb.GraphNode(name=n.name, op=n.op, spec=_spec(n.spec), differentiable=n.differentiable)
+            for n in model.nodes.values()
+        ],
+        modules=[
+            pb.ModuleOutput(path=path, type=mtype, node=node)
+            for path, (mtype, node) in model.modules.items()
+        ],
+        parameters=[name for name, _, is_param in model.state if is_param],
+    )
+
+
+def _summary(model: Model) -> pb.ModelSummary:
+    return pb.ModelSummary(name=model.name, digest=model.digest, source=model.source)
+
+
+def _spec(spec: Spec) -> pb.TensorSpec:
+    return pb.TensorSpec(
+        dtype=WIRE_DTYPES.get(spec.dtype, pb.DTYPE_UNSPECIFIED),
+        shape=[d.size if d.size is not None else -1 for d in spec.dims],
+        dims=[d.symbol for d in spec.dims],
+        min_shape=[d.size if d.size is not None else d.min for d in spec.dims],
+        max_shape=[
+            d.size if d.size is not None else (d.max if d.max is not None else -1)
+            for d in spec.dims
+        ],
+    )
+
+
+# -- Analyze and AnalyzeMany ------------------------------------------------------------------
+
+
+def analyze_summary(
+    outcome: Outcome, model: Model, replica: str, timings: dict[str, float]
+) -> pb.AnalyzeSummary:
+    """The summary of a finished analysis."""
+    return pb.AnalyzeSummary(
+        loss=outcome.loss,
+        model_digest=model.digest,
+        device=outcome.device,
+        timings=pb.Timings(**timings),
+        torch_version=torch.__version__,
+        replica=replica,
+        tensor_count=len(outcome.tensors),
+        batch_size=outcome.batch_size,
+        precision=outcome.precision,
+    )
+
+
+def analyze_stream(
+    outcome: Outcome, summary: pb.AnalyzeSummary
+) -> Iterator[pb.AnalyzeResponse | bytes]:
+    """The Analyze stream of a result: header, chunks, summary."""
+    first = pb.AnalyzeResponse(header=header(outcome.tensors))
+    return frames(outcome.tensors, first, summary)
+
+
+def written(outcome: Outcome, region: shm.Region, summary: pb.AnalyzeSummary) -> pb.AnalyzeResponse:
+    """Writes a result's tensors into the caller's region; the one message that says where."""
+    result = header(outcome.tensors)
+    offsets = region.write(list(on_host([c.tensor for c in outcome.tensors])))
+    result.shared_memory = True
+    for tensor, offset in zip(result.tensors, offsets):
+        tensor.region_offset = offset
+    return pb.AnalyzeResponse(header=result, summary=summary)
+
+
+def many_item(
+    index: int,
+    outcome: Outcome,
+    model: Model,
+    replica: str,
+    timings: dict[str, float],
+    omit: bool,
+) -> Iterator[pb.AnalyzeManyResponse | bytes]:
+    """One item's messages of an AnalyzeMany stream; only its summary when `omit`."""
+    tensors = [] if omit else outcome.tensors
+    summary = analyze_summary(outcome, model, replica, timings)
+    summary.tensor_count = len(tensors)
+    first = pb.AnalyzeManyResponse(index=index, header=header(tensors))
+    return _indexed(frames(tensors, first, summary), index)
+
+
+def many_aggregate(
+    aggregator: Aggregator,
+    model: Model,
+    replica: str,
+    device: str,
+    precision: str,
+    total_ms: float,
+) -> Iterator[pb.AnalyzeManyResponse | bytes]:
+    """The aggregate's messages, after the last item."""
+    tensors = aggregator.collected()
+    summary = pb.AnalyzeSummary(
+        loss=aggregator.loss,
+        model_digest=model.digest,
+        device=device,
+        timings=pb.Timings(total_ms=total_ms),
+        torch_version=torch.__version__,
+        replica=replica,
+        tensor_count=len(tensors),
+        batch_size=1,
+        precision=precision,
+    )
+    first = pb.AnalyzeManyResponse(
+        index=aggregator.items,
+        header=header(tensors),
+        aggregate=pb.AggregateInfo(items=aggregator.items, rows=aggregator.rows),
+    )
+    return _indexed(frames(tensors, first, summary), aggregator.items)
+
+
+def _indexed(messages: Iterable[T], index: int) -> Iterator[T]:
+    """Tags an item's response messages with its index; pre-encoded chunks pass as they are."""
+    for message in messages:
+        if isinstance(message, pb.AnalyzeManyResponse):
+            message.index = index
+        yield message
+
+
+# -- Attribute and Perturb --------------------------------------------------------------------
+
+
+def _single(role: Role, index: int, tensor: torch.Tensor) -> list[Collected]:
+    return [Collected(role, "", index, tensor)]
+
+
+def attribute_stream(
+    outcome: Attributed, model: Model, replica: str, started: float
+) -> Iterator[pb.AttributeResponse | bytes]:
+    """The Attribute stream for a finished attribution; the call arrived at `started`."""
+    summary = pb.AttributeSummary(
+        model_digest=model.digest,
+        device=outcome.device,
+        torch_version=torch.__version__,
+        captum_version=CAPTUM_VERSION,
+        replica=replica,
+        tensor_count=1,
+        seed=outcome.seed,
+        internal_batch_size=outcome.internal_batch_size,
+        compute_ms=outcome.compute_ms,
+        total_ms=_ms_since(started),
+    )
+    tensors = _single(Role.ATTRIBUTION, outcome.index, outcome.tensor)
+    first = pb.AttributeResponse(header=header(tensors))
+    return frames(tensors, first, summary)
+
+
+def perturb_stream(
+    events: Iterable[Step | Perturbed], model: Model, replica: str, started: float
+) -> Iterator[pb.PerturbResponse | bytes]:
+    """The Perturb stream: a progress message per step as the loop runs, then the result."""
+    for event in events:
+        if isinstance(event, Step):
+            yield pb.PerturbResponse(progress=pb.PerturbProgress(step=event.step, loss=event.loss))
+        else:
+            yield from _perturb_result(event, model, replica, started)
+
+
+def _perturb_result(
+    result: Perturbed, model: Model, replica: str, started: float
+) -> Iterator[pb.PerturbResponse | bytes]:
+    summary = pb.PerturbSummary(
+        objective_before=result.objective_before,
+        objective_after=result.objective_after,
+        losses=result.losses,
+        model_digest=model.digest,
+        device=result.device,
+        torch_version=torch.__version__,
+        replica=replica,
+        tensor_count=1,
+        seed=result.seed,
+        total_ms=_ms_since(started),
+    )
+    tensors = _single(Role.ADVERSARIAL, result.index, result.adversarial)
+    first = pb.PerturbResponse(header=header(tensors))
+    return frames(tensors, first, summary)
