@@ -35,7 +35,7 @@ class Perturbation:
     """One adversarial loop, as the caller asked for it (Captum's names where it has them)."""
 
     inputs: Sequence[torch.Tensor]
-    objective: Objective | None
+    objective: Objective
     method: str
     epsilon: float
     step_size: float = 0.0
@@ -84,10 +84,12 @@ def perturb(
 ) -> Iterator[Step | Perturbed]:
     """Yields a Step after each step, then the Perturbed result.
 
-    Every check of the request happens before the first step; the objective is checked by
-    the first step's analysis, before anything is yielded.
+    The inputs must fit the model (Model.check_inputs; the wire checks them), and every step
+    keeps their dtype and shape. Every other check of the request happens before the first
+    step; the objective is checked by the first step's analysis, before anything is yielded.
     """
-    index, objective = _check(model, request)
+    index = _check(model, request)
+    objective = request.objective
     device = engine.device
     inputs = [t.to(device) for t in request.inputs]
     x0 = inputs[index]
@@ -154,21 +156,14 @@ def perturb(
     )
 
 
-def _check(model: Model, request: Perturbation) -> tuple[int, Objective]:
-    """The perturbed input's position and the objective; every parameter checked."""
+def _check(model: Model, request: Perturbation) -> int:
+    """The perturbed input's position; every parameter checked."""
     if request.method not in ("fgsm", "pgd"):
         raise InvalidArgument(
             f"unknown perturbation method {request.method[:40]!r}; use fgsm or pgd",
             reason="UNKNOWN_METHOD",
             field="method",
         )
-    if request.objective is None:
-        raise InvalidArgument(
-            "perturb needs an objective: the loss the steps ascend (or, targeted, descend)",
-            reason="OBJECTIVE_REQUIRED",
-            field="objective",
-        )
-    model.check_inputs(request.inputs)
     floating = [i for i, t in enumerate(request.inputs) if t.is_floating_point()]
     if len(floating) != 1:
         raise InvalidArgument(
@@ -240,7 +235,7 @@ def _check(model: Model, request: Perturbation) -> tuple[int, Objective]:
                 reason="WRONG_SHAPE",
                 field="mask.shape",
             )
-    return index, request.objective
+    return index
 
 
 def _random_point(

@@ -4,6 +4,10 @@ The engine knows nothing of gRPC. It runs an exported program's flat graph, rewr
 that every requested node is also a graph output; `torch.autograd.grad` on those outputs
 gives exactly what `retain_grad()` would, without hooks and without parameter gradients
 that nobody asked for.
+
+Precondition: a request's inputs fit its model (`Model.check_inputs`). Every request the wire
+decodes was checked there, before anything was allocated; in-process callers (batching,
+adversarial loops, attribution) build only inputs that fit. The engine does not check again.
 """
 
 from __future__ import annotations
@@ -207,7 +211,10 @@ class Engine:
     # -- the analysis -----------------------------------------------------------------------
 
     def analyze(self, model: Model, request: Analysis, should_stop: ShouldStop = _never) -> Outcome:
-        """Runs one forward and backward pass; raises RequestError subclasses on bad requests."""
+        """Runs one forward and backward pass; raises RequestError subclasses on bad requests.
+
+        The inputs must fit the model (see the module docstring).
+        """
         try:
             return self._analyze(model, request, should_stop)
         except torch.OutOfMemoryError:
@@ -220,7 +227,6 @@ class Engine:
 
     def _analyze(self, model: Model, request: Analysis, should_stop: ShouldStop) -> Outcome:
         started = time.perf_counter()
-        model.check_inputs(request.inputs)
         plan = self._planned(model, request)
         captures, target_nodes = plan.captures, plan.target_nodes
         param_positions = plan.param_positions

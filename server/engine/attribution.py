@@ -145,7 +145,10 @@ def attribute(
     request: Attribution,
     should_stop: ShouldStop = _never,
 ) -> Attributed:
-    """Runs one attribution; raises RequestError subclasses on bad requests."""
+    """Runs one attribution; raises RequestError subclasses on bad requests.
+
+    The inputs must fit the model (Model.check_inputs; the wire checks them).
+    """
     plan = _plan(model, request)
     if should_stop():
         raise Cancelled("the call was cancelled", reason="CANCELLED")
@@ -172,7 +175,6 @@ def _plan(model: Model, request: Attribution) -> _Plan:
             reason="UNKNOWN_METHOD",
             field="method",
         )
-    model.check_inputs(request.inputs)
     if request.output >= len(model.outputs):
         raise InvalidArgument(
             f"output {request.output} does not exist: {model.name} has "

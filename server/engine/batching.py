@@ -104,6 +104,8 @@ class _Pending:
 @dataclass
 class _Queue:
     key: tuple[Any, ...]
+    most_rows: int
+    """Rows one merged pass may hold (see Batcher._most_rows)."""
     pending: list[_Pending] = field(default_factory=list)
     arrived: threading.Condition = field(default_factory=threading.Condition)
 
@@ -217,7 +219,7 @@ class Batcher:
             wait = self._overlapped_at >= now - self._window
             queue = self._queues.get(key)
             if queue is None and wait:
-                queue = self._queues[key] = _Queue(key)
+                queue = self._queues[key] = _Queue(key, self._most_rows(model))
         try:
             if queue is None:
                 # Alone, with nobody to wait for and no batch of its kind forming: it would
@@ -245,20 +247,26 @@ class Batcher:
             with self._lock:
                 self._active -= 1
 
+    def _most_rows(self, model: Model) -> int:
+        """max_batch_size, or fewer where the model's batch range ends below it: the engine
+        trusts that inputs fit the model, and a merged request is checked by nobody else."""
+        most = model.inputs[0].dims[0].max
+        return self.max_batch_size if most is None else min(self.max_batch_size, most)
+
     def _gather(self, queue: _Queue, wait: bool) -> list[_Pending]:
-        """The leader waits for companions, then takes up to max_batch_size rows."""
+        """The leader waits for companions, then takes up to `queue.most_rows` rows."""
         deadline = time.monotonic() + (self.timeout if wait else 0.0)
         with queue.arrived:
             while True:
                 rows = sum(p.rows for p in queue.pending)
                 left = deadline - time.monotonic()
-                if rows >= self.max_batch_size or left <= 0:
+                if rows >= queue.most_rows or left <= 0:
                     break
                 queue.arrived.wait(left)
             batch: list[_Pending] = []
             total = 0
             for p in queue.pending:
-                if total + p.rows > self.max_batch_size and batch:
+                if total + p.rows > queue.most_rows and batch:
                     break
                 batch.append(p)
                 total += p.rows

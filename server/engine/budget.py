@@ -13,7 +13,8 @@ from .analysis import Analysis
 
 
 def _bindings(model: Model, inputs: Sequence[torch.Tensor]) -> dict[str, int]:
-    """Symbol name -> size, from the inputs (already checked against the specs)."""
+    """Symbol name -> size, from the inputs (already checked against the specs); tensors on
+    the meta device do, as only their shapes are read."""
     bound: dict[str, int] = {}
     for spec, tensor in zip(model.inputs, inputs):
         for dim, size in zip(spec.dims, tensor.shape):

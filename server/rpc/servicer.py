@@ -132,7 +132,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
     ) -> Iterator[Any]:  # messages, or pre-encoded chunk messages (bytes)
         started = time.perf_counter()
         model = requests.model(self.registry, request.model)
-        attribution = requests.attribution(request, self.limits)
+        attribution = requests.attribution(request, model, self.limits)
         outcome = attribute(
             self.engine.device, model, attribution, should_stop=lambda: not context.is_active()
         )
@@ -144,7 +144,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
     ) -> Iterator[Any]:  # messages, or pre-encoded chunk messages (bytes)
         started = time.perf_counter()
         model = requests.model(self.registry, request.model)
-        perturbation = requests.perturbation(request, self.limits)
+        perturbation = requests.perturbation(request, model, self.limits)
         steps = perturb(
             self.engine, model, perturbation, should_stop=lambda: not context.is_active()
         )

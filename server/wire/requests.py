@@ -1,5 +1,9 @@
-"""Requests off the wire: each RPC's message decoded into the engine's objects and checked.
+"""Requests off the wire: each RPC's message to the engine's objects, checked in full first.
 
+Every check of a request happens here, before anything of its size is allocated: each
+tensor's header, each enum, the model's input specs (`Model.check_inputs`) and the size of
+the result. Only then are the tensors' bytes copied. The engine trusts what comes out of
+here and checks what only it can (that targets resolve, that an objective fits its site).
 Errors name the request field at fault, e.g. `targets[2].name`.
 """
 
@@ -8,9 +12,9 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-import torch
+from google.protobuf.message import Message
 
 from gradtap.v1 import gradtap_pb2 as pb
 
@@ -24,7 +28,7 @@ from ..errors import FailedPrecondition, InvalidArgument, NotFound, RequestError
 from ..models.model import Model
 from ..models.registry import MODEL_NAME, Registry
 from . import shm
-from .tensors import REDUCES, TORCH_DTYPES, decode
+from .tensors import REDUCES, TORCH_DTYPES, copied, declared
 
 
 @dataclass(frozen=True)
@@ -127,16 +131,16 @@ def analyze(
     limits: Limits,
     peer: Callable[[], str] | None = None,
 ) -> AnalyzeCall:
-    """Decodes and checks an Analyze request for `served`.
+    """Checks and decodes an Analyze request for `served`.
 
     `peer` says where the caller is (a gRPC peer string); it is asked only when the request
     names a shared-memory region. Without it the region is ignored, as for AnalyzeMany items.
     """
-    analysis, sizes = _analysis(request, served, limits)
+    checked = _Checked.of(request, served, limits)
     region = None
     if peer is not None and request.HasField("shared_memory"):
-        region = _region(request.shared_memory, sizes, limits, peer())
-    return AnalyzeCall(analysis, region)
+        region = _region(request.shared_memory, checked.sizes, limits, peer())
+    return AnalyzeCall(checked.decoded(), region)
 
 
 def many_options(first: pb.AnalyzeManyRequest) -> pb.AnalyzeManyOptions:
@@ -169,10 +173,10 @@ def many_item(
             reason="MODEL_CHANGED",
             field="model.name",
         )
-    analysis, _ = _analysis(request.item, served, limits)
+    checked = _Checked.of(request.item, served, limits)
     if aggregate:
-        Aggregator.check(analysis)
-    return served, analysis
+        Aggregator.check(checked.analysis)
+    return served, checked.decoded()
 
 
 @contextlib.contextmanager
@@ -185,32 +189,50 @@ def item(index: int) -> Iterator[None]:
         raise type(e)(f"item {index}: {e.message}", reason=e.reason, field=field) from e
 
 
-def _analysis(
-    request: pb.AnalyzeRequest, served: Model, limits: Limits
-) -> tuple[Analysis, list[int]]:
-    """The analysis, checked against the model, and its result's estimated tensor bytes."""
-    inputs = [
-        decode(t, f"inputs[{i}]", limits.max_tensor_elements) for i, t in enumerate(request.inputs)
-    ]
-    targets = [_target(t, i) for i, t in enumerate(request.targets)]
-    objective = _objective(request.objective, limits) if request.HasField("objective") else None
-    if request.precision not in _AUTOCAST:
-        raise InvalidArgument(
-            f"precision has unknown value {request.precision}",
-            reason="BAD_PRECISION",
-            field="precision",
+@dataclass(frozen=True)
+class _Checked:
+    """An Analyze request that passed every check, its tensors not yet copied."""
+
+    request: pb.AnalyzeRequest
+    analysis: Analysis
+    """The analysis with its tensors on the meta device: dtypes and shapes, no bytes."""
+    sizes: list[int]
+    """The estimated bytes of each tensor of the result."""
+
+    @classmethod
+    def of(cls, request: pb.AnalyzeRequest, served: Model, limits: Limits) -> _Checked:
+        inputs = [
+            declared(t, f"inputs[{i}]", limits.max_tensor_elements)
+            for i, t in enumerate(request.inputs)
+        ]
+        targets = [_target(t, i) for i, t in enumerate(request.targets)]
+        objective = _objective(request.objective, limits) if request.HasField("objective") else None
+        if request.precision not in _AUTOCAST:
+            raise InvalidArgument(
+                f"precision has unknown value {request.precision}",
+                reason="BAD_PRECISION",
+                field="precision",
+            )
+        analysis = Analysis(
+            inputs=inputs,
+            targets=targets,
+            objective=objective,
+            input_gradients=request.input_grads,
+            outputs=request.outputs,
+            param_grads=list(request.param_grads),
+            autocast=_AUTOCAST[request.precision],
         )
-    analysis = Analysis(
-        inputs=inputs,
-        targets=targets,
-        objective=objective,
-        input_gradients=request.input_grads,
-        outputs=request.outputs,
-        param_grads=list(request.param_grads),
-        autocast=_AUTOCAST[request.precision],
-    )
-    served.check_inputs(analysis.inputs)
-    return analysis, budget.check(served, analysis, limits.max_result_bytes)
+        served.check_inputs(inputs)
+        sizes = budget.check(served, analysis, limits.max_result_bytes)
+        return cls(request, analysis, sizes)
+
+    def decoded(self) -> Analysis:
+        """The analysis with every tensor's bytes copied out of the request."""
+        objective = self.analysis.objective
+        if objective is not None:
+            objective = _copied(self.request.objective, objective)
+        inputs = [copied(m, t) for m, t in zip(self.request.inputs, self.analysis.inputs)]
+        return replace(self.analysis, inputs=inputs, objective=objective)
 
 
 def _target(target: pb.TargetLayer, i: int) -> Target:
@@ -258,7 +280,16 @@ def _reduction(target: pb.TargetLayer, i: int) -> Reduction | None:
     return None if reduction == Reduction() else reduction
 
 
+_OBJECTIVE_TENSORS = ("labels", "expected", "grad_output")
+"""The tensor fields of the objective kinds; each kind has one at most."""
+
+
+def _has(body: Message, name: str) -> bool:
+    return name in body.DESCRIPTOR.fields_by_name and body.HasField(name)
+
+
 def _objective(message: pb.Objective, limits: Limits) -> Objective:
+    """The objective, its tensor (if its kind has one) declared on the meta device."""
     kind = message.WhichOneof("kind")
     if kind is None:
         raise InvalidArgument(
@@ -267,9 +298,9 @@ def _objective(message: pb.Objective, limits: Limits) -> Objective:
     body = getattr(message, kind)
     field = f"objective.{kind}"
     tensor = None
-    for name in ("labels", "expected", "grad_output"):
-        if name in body.DESCRIPTOR.fields_by_name and body.HasField(name):
-            tensor = decode(getattr(body, name), f"{field}.{name}", limits.max_tensor_elements)
+    for name in _OBJECTIVE_TENSORS:
+        if _has(body, name):
+            tensor = declared(getattr(body, name), f"{field}.{name}", limits.max_tensor_elements)
     reduction = "mean"
     if "reduction" in body.DESCRIPTOR.fields_by_name:
         if body.reduction not in _REDUCTIONS:
@@ -288,6 +319,15 @@ def _objective(message: pb.Objective, limits: Limits) -> Objective:
         reduction=reduction,
         field=field,
     )
+
+
+def _copied(message: pb.Objective, objective: Objective) -> Objective:
+    """The objective with its tensor's bytes copied out of `message` (see `_objective`)."""
+    if objective.tensor is None:
+        return objective
+    body = getattr(message, message.WhichOneof("kind") or "")
+    source = next(getattr(body, name) for name in _OBJECTIVE_TENSORS if _has(body, name))
+    return replace(objective, tensor=copied(source, objective.tensor))
 
 
 def _region(
@@ -312,29 +352,33 @@ def _enum_error(what: str, value: int, field: str) -> InvalidArgument:
     return InvalidArgument(f"{message}: the {what}", reason=reason, field=field)
 
 
-def attribution(request: pb.AttributeRequest, limits: Limits) -> Attribution:
-    """Decodes an Attribute request; params keep only the fields set."""
-
-    def tensor(message: pb.Tensor, field: str) -> torch.Tensor:
-        return decode(message, field, limits.max_tensor_elements)
-
+def attribution(request: pb.AttributeRequest, served: Model, limits: Limits) -> Attribution:
+    """Checks and decodes an Attribute request; params keep only the fields set."""
     method = ATTRIBUTION_METHODS.get(request.method)
     if method is None:
         raise _enum_error("attribution method", request.method, "method")
-    inputs = [tensor(t, f"inputs[{i}]") for i, t in enumerate(request.inputs)]
+    inputs = [
+        declared(t, f"inputs[{i}]", limits.max_tensor_elements)
+        for i, t in enumerate(request.inputs)
+    ]
     p = request.params
     # Every scalar parameter is `optional`: ListFields names exactly the ones set.
     params: dict[str, object] = {
         fd.name: value for fd, value in p.ListFields() if fd.name not in ("method", "baselines")
     }
     if p.method != pb.INTEGRATION_METHOD_UNSPECIFIED:
-        if p.method not in INTEGRATION_METHODS:
+        integration = INTEGRATION_METHODS.get(p.method)
+        if integration is None:
             raise _enum_error("integration method", p.method, "params.method")
-        params["method"] = INTEGRATION_METHODS[p.method]
+        params["method"] = integration
+    baselines = None
     if p.HasField("baselines"):
-        params["baselines"] = tensor(p.baselines, "params.baselines")
+        baselines = declared(p.baselines, "params.baselines", limits.max_tensor_elements)
+    served.check_inputs(inputs)
+    if baselines is not None:
+        params["baselines"] = copied(p.baselines, baselines)
     return Attribution(
-        inputs=inputs,
+        inputs=[copied(m, t) for m, t in zip(request.inputs, inputs)],
         method=method,
         target=tuple(request.index),
         output=request.output,
@@ -343,12 +387,8 @@ def attribution(request: pb.AttributeRequest, limits: Limits) -> Attribution:
     )
 
 
-def perturbation(request: pb.PerturbRequest, limits: Limits) -> Perturbation:
-    """Decodes a Perturb request."""
-
-    def tensor(message: pb.Tensor, field: str) -> torch.Tensor:
-        return decode(message, field, limits.max_tensor_elements)
-
+def perturbation(request: pb.PerturbRequest, served: Model, limits: Limits) -> Perturbation:
+    """Checks and decodes a Perturb request."""
     objective = _objective(request.objective, limits) if request.HasField("objective") else None
     method = PERTURB_METHODS.get(request.method)
     if method is None:
@@ -356,9 +396,25 @@ def perturbation(request: pb.PerturbRequest, limits: Limits) -> Perturbation:
     norm = NORMS.get(request.norm)
     if norm is None:
         raise _enum_error("norm", request.norm, "norm")
+    inputs = [
+        declared(t, f"inputs[{i}]", limits.max_tensor_elements)
+        for i, t in enumerate(request.inputs)
+    ]
+    mask = (
+        declared(request.mask, "mask", limits.max_tensor_elements)
+        if request.HasField("mask")
+        else None
+    )
+    if objective is None:
+        raise InvalidArgument(
+            "perturb needs an objective: the loss the steps ascend (or, targeted, descend)",
+            reason="OBJECTIVE_REQUIRED",
+            field="objective",
+        )
+    served.check_inputs(inputs)
     return Perturbation(
-        inputs=[tensor(t, f"inputs[{i}]") for i, t in enumerate(request.inputs)],
-        objective=objective,
+        inputs=[copied(m, t) for m, t in zip(request.inputs, inputs)],
+        objective=_copied(request.objective, objective),
         method=method,
         epsilon=request.epsilon,
         step_size=request.step_size,
@@ -369,7 +425,7 @@ def perturbation(request: pb.PerturbRequest, limits: Limits) -> Perturbation:
         upper_bound=request.upper_bound if request.HasField("upper_bound") else math.inf,
         random_start=request.random_start,
         seed=request.seed if request.HasField("seed") else None,
-        mask=tensor(request.mask, "mask") if request.HasField("mask") else None,
+        mask=copied(request.mask, mask) if mask is not None else None,
         zero_threshold=(
             request.zero_threshold if request.HasField("zero_threshold") else ZERO_THRESHOLD
         ),

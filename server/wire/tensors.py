@@ -1,4 +1,11 @@
-"""Request tensors off the wire: checking and decoding them, and the wire's tables."""
+"""Request tensors: every check of a tensor's header and byte length, then the copy; and the
+wire's dtype and reduce tables.
+
+A request is checked in two steps so that nothing is allocated before all of it passed:
+`declared` checks one tensor's message and answers its dtype and shape as a tensor on the
+meta device (torch's tensor without storage), which the model's input specs and the result
+budget can be checked against; `copied` then copies its bytes out.
+"""
 
 from __future__ import annotations
 
@@ -42,12 +49,12 @@ REDUCES: dict[pb.Reduce.ValueType, str] = {
 }
 """Wire reduce -> the engine's name (engine/reduce.py); REDUCE_UNSPECIFIED means none."""
 
+_META = torch.device("meta")
 
-def decode(message: pb.Tensor, field: str, max_elements: int) -> torch.Tensor:
-    """Checks a request tensor's dtype, rank, size and byte length, then copies it out.
 
-    Every check happens before any tensor memory is allocated.
-    """
+def declared(message: pb.Tensor, field: str, max_elements: int) -> torch.Tensor:
+    """Checks a request tensor's dtype, rank, size and byte length; returns a tensor of its
+    dtype and shape on the meta device. Nothing of the tensor's size is allocated."""
     dtype = TORCH_DTYPES.get(message.dtype)
     if dtype is None:
         name = pb.DType.Name(message.dtype) if message.dtype in pb.DType.values() else message.dtype
@@ -91,7 +98,17 @@ def decode(message: pb.Tensor, field: str, max_elements: int) -> torch.Tensor:
             reason="BAD_BOOL",
             field=f"{field}.data",
         )
-    flat = torch.frombuffer(bytearray(message.data), dtype=torch.uint8) if expected else None
-    if flat is None:
-        return torch.empty(shape, dtype=dtype)
-    return flat.view(dtype).reshape(shape)
+    return torch.empty(shape, dtype=dtype, device=_META)
+
+
+def copied(message: pb.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes, copied out of a message that `declared` passed as `meta`."""
+    if not message.data:
+        return torch.empty(meta.shape, dtype=meta.dtype)
+    flat = torch.frombuffer(bytearray(message.data), dtype=torch.uint8)
+    return flat.view(meta.dtype).reshape(meta.shape)
+
+
+def decode(message: pb.Tensor, field: str, max_elements: int) -> torch.Tensor:
+    """Checks a request tensor (see `declared`), then copies it out."""
+    return copied(message, declared(message, field, max_elements))

@@ -249,3 +249,39 @@ def test_a_lone_request_runs_once_and_a_cancelled_one_not_at_all() -> None:
         batcher.analyze(model, analysis(EngineObjective("sum")), lambda: True)
     assert passes == [1, 1]
     assert batcher._queues == {}
+
+
+def test_merged_passes_stay_within_the_models_batch_range() -> None:
+    """The engine trusts that inputs fit the model, so the batcher never merges more rows
+    than the model's exported batch range takes, however many requests wait."""
+    torch.manual_seed(0)
+    batch = torch.export.Dim("batch", min=1, max=4)
+    program = torch.export.export(
+        nn.Linear(3, 2), (torch.zeros(2, 3),), dynamic_shapes=({0: batch},)
+    )
+    model = Registry(torch.device("cpu")).add("small", "test", program)
+    passes: list[int] = []
+    batcher = Batcher(
+        Engine(torch.device("cpu")), max_batch_size=16, timeout_us=100_000, observe=passes.append
+    )
+    x = torch.randn(2, 3, generator=torch.Generator().manual_seed(1))
+    request = Analysis([x], [Target("linear", activation=True)], EngineObjective("sum"))
+    start_together = threading.Barrier(8)
+
+    def run() -> list[torch.Tensor]:
+        start_together.wait()
+        outcomes = [batcher.analyze(model, request, lambda: False) for _ in range(3)]
+        return [c.tensor for o in outcomes for c in o.tensors]
+
+    results: list[list[torch.Tensor]] = []
+    threads = [threading.Thread(target=lambda: results.append(run())) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    alone = Engine(torch.device("cpu")).analyze(model, request)
+    assert len(results) == 8
+    for tensors in results:
+        for got, want in zip(tensors, [c.tensor for c in alone.tensors] * 3):
+            torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL)
+    assert 4 in passes and max(passes) <= 4  # merged, and never past the range
