@@ -21,7 +21,9 @@ import torch.nn.functional as F
 
 from ..errors import Cancelled, InvalidArgument
 from ..models.model import Model
-from .analysis import Analysis, Engine, Objective, Role, ShouldStop
+from .analysis import Analysis, Engine, Role
+from .graph import ShouldStop, never
+from .objectives import Objective
 
 MAX_STEPS = 1000
 """Most PGD steps one call may ask for."""
@@ -72,15 +74,11 @@ class Perturbed:
     seed: int = 0
 
 
-def _never() -> bool:
-    return False
-
-
 def perturb(
     engine: Engine,
     model: Model,
     request: Perturbation,
-    should_stop: ShouldStop = _never,
+    should_stop: ShouldStop = never,
 ) -> Iterator[Step | Perturbed]:
     """Yields a Step after each step, then the Perturbed result.
 

@@ -36,7 +36,7 @@ from torch import nn
 
 from ..errors import Cancelled, InvalidArgument, ResourceExhausted
 from ..models.model import Model
-from .analysis import ShouldStop, release
+from .graph import ShouldStop, never, release
 
 CAPTUM_VERSION: str = captum.__version__
 
@@ -135,15 +135,11 @@ class _Plan:
     params: dict[str, Any]
 
 
-def _never() -> bool:
-    return False
-
-
 def attribute(
     device: torch.device,
     model: Model,
     request: Attribution,
-    should_stop: ShouldStop = _never,
+    should_stop: ShouldStop = never,
 ) -> Attributed:
     """Runs one attribution; raises RequestError subclasses on bad requests.
 
@@ -370,7 +366,7 @@ class ModelForward(nn.Module):
         graph: torch.fx.GraphModule,
         state: Sequence[torch.Tensor],
         slots: Sequence[int],
-        should_stop: ShouldStop = _never,
+        should_stop: ShouldStop = never,
     ) -> None:
         super().__init__()
         self.graph = graph

@@ -24,7 +24,9 @@ import torch
 
 from ..errors import Cancelled, RequestError
 from ..models.model import Model
-from .analysis import Analysis, Collected, Engine, Objective, Outcome, ShouldStop
+from .analysis import Analysis, Collected, Engine, Outcome
+from .graph import ShouldStop
+from .objectives import Objective
 
 BatchObserver = Callable[[int], None]
 

@@ -21,8 +21,9 @@ from gradtap.v1 import gradtap_pb2 as pb
 from ..engine import budget
 from ..engine.adversarial import ZERO_THRESHOLD, Perturbation
 from ..engine.aggregate import Aggregator
-from ..engine.analysis import Analysis, Objective, Target
+from ..engine.analysis import Analysis, Target
 from ..engine.attribution import Attribution
+from ..engine.objectives import Objective
 from ..engine.reduce import Reduction
 from ..errors import FailedPrecondition, InvalidArgument, NotFound, RequestError
 from ..models.model import Model

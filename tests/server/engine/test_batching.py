@@ -11,8 +11,8 @@ import torch
 from gradtap.client import Client, GradtapError, Objective, Result
 from gradtap.server import Settings, start
 from gradtap.server.engine.analysis import Analysis, Engine, Target
-from gradtap.server.engine.analysis import Objective as EngineObjective
 from gradtap.server.engine.batching import Batcher
+from gradtap.server.engine.objectives import Objective as EngineObjective
 from gradtap.server.errors import Cancelled, InvalidArgument
 from gradtap.server.models.registry import Registry
 from gradtap.server.models.zoo import export_builtin

@@ -12,8 +12,9 @@ from gradtap.client import Client, GradtapError, Objective
 from gradtap.server import Settings, start
 from gradtap.server.engine import budget
 from gradtap.server.engine.analysis import Analysis, Engine, Outcome, Role, Target
-from gradtap.server.engine.analysis import Objective as EngineObjective
+from gradtap.server.engine.objectives import Objective as EngineObjective
 from gradtap.server.errors import Cancelled, InvalidArgument
+from gradtap.server.models.model import Model
 from gradtap.server.models.registry import Registry
 from gradtap.server.models.zoo import builtin_module, export_builtin
 from torch import nn
@@ -211,3 +212,24 @@ def test_a_repeated_request_shape_reuses_its_plan_and_errors_stay_per_call() -> 
         with pytest.raises(InvalidArgument) as info:
             engine.analyze(model, analysis(EngineObjective("sum", output=5)))
         assert info.value.reason == "UNKNOWN_OUTPUT"
+
+
+def test_a_plan_resolves_each_name_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Targets and the objective's node are resolved once, when the plan is made; a request
+    of a planned shape resolves nothing."""
+    model = Registry(torch.device("cpu")).add("mlp", "test", export_builtin("seed-mlp"))
+    asked: list[str] = []
+    resolve = Model.resolve
+
+    def counted(self: Model, name: str) -> str | None:
+        asked.append(name)
+        return resolve(self, name)
+
+    monkeypatch.setattr(Model, "resolve", counted)
+    engine = Engine(torch.device("cpu"))
+    analysis = Analysis(
+        [torch.zeros(1, 784)], [Target("fc2")], EngineObjective("sum", node="relu_1")
+    )
+    engine.analyze(model, analysis)
+    engine.analyze(model, analysis)
+    assert sorted(asked) == ["fc2", "relu_1"]

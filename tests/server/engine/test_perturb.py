@@ -389,7 +389,7 @@ def test_the_docs_example_runs_and_agrees_with_captum(
 
 def test_a_cancelled_loop_stops_between_steps() -> None:
     from gradtap.server.engine.adversarial import Perturbation, Step, perturb
-    from gradtap.server.engine.analysis import Objective as EngineObjective
+    from gradtap.server.engine.objectives import Objective as EngineObjective
     from gradtap.server.errors import Cancelled
     from gradtap.server.models.model import prepare
     from gradtap.server.models.zoo import export_builtin
