@@ -93,6 +93,7 @@ class Outcome:
     loss: float
     device: str
     timings: dict[str, float] = field(default_factory=dict)
+    """forward_ms, backward_ms and collect_ms: the engine's own work."""
     part_losses: list[float] = field(default_factory=list)
     """Each part's loss, for merged requests."""
     batch_size: int = 1
@@ -145,13 +146,12 @@ class Engine:
             ) from None
 
     def _analyze(self, model: Model, request: Analysis, should_stop: ShouldStop) -> Outcome:
-        started = time.perf_counter()
         plan = self._planned(model, request)
         param_positions = plan.param_positions
         objective = request.objective
         if should_stop():
             raise Cancelled("the call was cancelled", reason="CANCELLED")
-        timings: dict[str, float] = {"decode_ms": 0.0}
+        timings: dict[str, float] = {}
 
         grad_mode = torch.enable_grad() if objective is not None else torch.no_grad()
         with grad_mode:
@@ -276,7 +276,6 @@ class Engine:
             for i, out in enumerate(outputs):
                 tensors.append(Collected(Role.OUTPUT, "", i, _detached(out)))
         timings["collect_ms"] = (time.perf_counter() - t0) * 1e3
-        timings["total_ms"] = (time.perf_counter() - started) * 1e3
         return Outcome(
             tensors=tensors,
             loss=loss_value,

@@ -79,13 +79,11 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         call = requests.analyze(request, model, self.limits, peer=context.peer)
         opened = shm.opened(call.region) if call.region is not None else contextlib.nullcontext()
         with opened as region:
-            decode_ms = (time.perf_counter() - started) * 1e3
+            decoded = time.perf_counter()
             with deadline.time_limit(context) as should_stop:
                 outcome = self.run(model, call.analysis, should_stop=should_stop)
             self._releaser.free_after_call(context, outcome)
-            timings = dict(outcome.timings, decode_ms=decode_ms)
-            timings["total_ms"] = (time.perf_counter() - started) * 1e3
-            summary = responses.analyze_summary(outcome, model, self.replica, timings)
+            summary = responses.analyze_summary(outcome, model, self.replica, started, decoded)
             if region is not None:
                 yield responses.written(outcome, region, summary)
                 return
@@ -110,20 +108,19 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
                 model, analysis = requests.many_item(
                     request, self.registry, model, self.limits, aggregate=aggregator is not None
                 )
-                decode_ms = (time.perf_counter() - started) * 1e3
+                decoded = time.perf_counter()
                 outcome = self.engine.analyze(
                     model, analysis, should_stop=lambda: not context.is_active()
                 )
                 if aggregator is not None:
                     aggregator.add(analysis, outcome)
             device, precision = outcome.device, outcome.precision
-            timings = dict(outcome.timings, decode_ms=decode_ms)
-            timings["total_ms"] = (time.perf_counter() - started) * 1e3
-            yield from responses.many_item(k, outcome, model, self.replica, timings, omit=omit)
+            yield from responses.many_item(
+                k, outcome, model, self.replica, started, decoded, omit=omit
+            )
         if aggregator is not None and model is not None:
-            total_ms = (time.perf_counter() - stream_started) * 1e3
             yield from responses.many_aggregate(
-                aggregator, model, self.replica, device, precision, total_ms
+                aggregator, model, self.replica, device, precision, stream_started
             )
 
     @status_mapped

@@ -2,7 +2,8 @@
 
 Result streams are framed alike (wire/frames.py): a header, chunks of at most 1 MiB, a
 summary; Attribute's tensor has the role ATTRIBUTION and Perturb's ADVERSARIAL, and Perturb
-sends one progress message per step before its result.
+sends one progress message per step before its result. The summaries' decode_ms and total_ms
+are set here and only here; the engine sets its own timings (forward, backward, collect).
 """
 
 from __future__ import annotations
@@ -79,14 +80,17 @@ def _spec(spec: Spec) -> pb.TensorSpec:
 
 
 def analyze_summary(
-    outcome: Outcome, model: Model, replica: str, timings: dict[str, float]
+    outcome: Outcome, model: Model, replica: str, started: float, decoded: float
 ) -> pb.AnalyzeSummary:
-    """The summary of a finished analysis."""
+    """The summary of a finished analysis: the call arrived at `started` and was decoded by
+    `decoded` (time.perf_counter()); its result is ready now."""
     return pb.AnalyzeSummary(
         loss=outcome.loss,
         model_digest=model.digest,
         device=outcome.device,
-        timings=pb.Timings(**timings),
+        timings=pb.Timings(
+            decode_ms=(decoded - started) * 1e3, total_ms=_ms_since(started), **outcome.timings
+        ),
         torch_version=torch.__version__,
         replica=replica,
         tensor_count=len(outcome.tensors),
@@ -118,12 +122,13 @@ def many_item(
     outcome: Outcome,
     model: Model,
     replica: str,
-    timings: dict[str, float],
+    started: float,
+    decoded: float,
     omit: bool,
 ) -> Iterator[pb.AnalyzeManyResponse | bytes]:
     """One item's messages of an AnalyzeMany stream; only its summary when `omit`."""
     tensors = [] if omit else outcome.tensors
-    summary = analyze_summary(outcome, model, replica, timings)
+    summary = analyze_summary(outcome, model, replica, started, decoded)
     summary.tensor_count = len(tensors)
     first = pb.AnalyzeManyResponse(index=index, header=header(tensors))
     return _indexed(frames(tensors, first, summary), index)
@@ -135,15 +140,15 @@ def many_aggregate(
     replica: str,
     device: str,
     precision: str,
-    total_ms: float,
+    started: float,
 ) -> Iterator[pb.AnalyzeManyResponse | bytes]:
-    """The aggregate's messages, after the last item."""
+    """The aggregate's messages, after the last item; the stream began at `started`."""
     tensors = aggregator.collected()
     summary = pb.AnalyzeSummary(
         loss=aggregator.loss,
         model_digest=model.digest,
         device=device,
-        timings=pb.Timings(total_ms=total_ms),
+        timings=pb.Timings(total_ms=_ms_since(started)),
         torch_version=torch.__version__,
         replica=replica,
         tensor_count=len(tensors),
