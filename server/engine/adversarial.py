@@ -31,6 +31,12 @@ MAX_STEPS = 1000
 ZERO_THRESHOLD = 1e-6
 """Captum's FGSM.zero_thresh: gradient elements at or below it do not move."""
 
+METHODS = ("fgsm", "pgd")
+"""The loops, by Captum's names."""
+
+NORMS = ("Linf", "L2")
+"""PGD's norms, by Captum's names; the first is its default."""
+
 
 @dataclass(frozen=True)
 class Perturbation:
@@ -42,7 +48,7 @@ class Perturbation:
     epsilon: float
     step_size: float = 0.0
     steps: int = 0
-    norm: str = "Linf"
+    norm: str = NORMS[0]
     targeted: bool = False
     lower_bound: float = -math.inf
     upper_bound: float = math.inf
@@ -156,7 +162,7 @@ def perturb(
 
 def _check(model: Model, request: Perturbation) -> int:
     """The perturbed input's position; every parameter checked."""
-    if request.method not in ("fgsm", "pgd"):
+    if request.method not in METHODS:
         raise InvalidArgument(
             f"unknown perturbation method {request.method[:40]!r}; use fgsm or pgd",
             reason="UNKNOWN_METHOD",
@@ -203,7 +209,7 @@ def _check(model: Model, request: Perturbation) -> int:
                     reason="BAD_PARAMETER",
                     field=name,
                 )
-    if request.norm not in ("Linf", "L2"):
+    if request.norm not in NORMS:
         raise InvalidArgument(
             f"unknown norm {request.norm[:20]!r}; use Linf or L2",
             reason="BAD_PARAMETER",

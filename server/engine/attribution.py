@@ -35,7 +35,7 @@ from captum.attr import (
 from torch import nn
 
 from ..errors import Cancelled, InvalidArgument, ResourceExhausted
-from ..models.model import Model
+from ..models.model import Model, dtype_name
 from .graph import ShouldStop, never, release
 
 CAPTUM_VERSION: str = captum.__version__
@@ -276,7 +276,7 @@ def _layer(model: Model, request: Attribution, method: Method) -> str | None:
     if not model.nodes[node].differentiable:
         raise InvalidArgument(
             f"layer {request.layer[:80]!r} has dtype "
-            f"{str(model.nodes[node].spec.dtype).removeprefix('torch.')}; it has no gradient",
+            f"{dtype_name(model.nodes[node].spec.dtype)}; it has no gradient",
             reason="NOT_DIFFERENTIABLE",
             field="node",
         )
@@ -325,8 +325,8 @@ def _baselines(baselines: torch.Tensor, reference: torch.Tensor) -> torch.Tensor
     """A scalar, one row (1, ...) or the input's shape, of the input's dtype."""
     if baselines.dtype != reference.dtype:
         raise InvalidArgument(
-            f"baselines have dtype {str(baselines.dtype).removeprefix('torch.')}; the input "
-            f"has {str(reference.dtype).removeprefix('torch.')}",
+            f"baselines have dtype {dtype_name(baselines.dtype)}; the input "
+            f"has {dtype_name(reference.dtype)}",
             reason="WRONG_DTYPE",
             field="params.baselines.dtype",
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 import torch
@@ -9,6 +10,13 @@ import torch.nn.functional as F
 
 from ..errors import InvalidArgument
 from ..models.model import dtype_name
+
+
+class LossReduction(enum.Enum):
+    """How cross_entropy and mse reduce over elements: torch's `reduction` argument."""
+
+    MEAN = "mean"
+    SUM = "sum"
 
 
 @dataclass(frozen=True)
@@ -24,7 +32,7 @@ class Objective:
     node: str = ""
     index: tuple[int, ...] = ()
     tensor: torch.Tensor | None = None
-    reduction: str = "mean"
+    reduction: LossReduction = LossReduction.MEAN
     field: str = "objective"
     parts: tuple[tuple[int, int, Objective], ...] = ()
     """For merged requests (engine/batching.py): (first row, end row, that request's own
@@ -64,7 +72,7 @@ def loss(objective: Objective, site: torch.Tensor) -> torch.Tensor:
             raise InvalidArgument(
                 f"labels must lie in [0, {classes})", reason="OUT_OF_RANGE", field=f"{f}.labels"
             )
-        return F.cross_entropy(site, labels.to(site.device), reduction=objective.reduction)
+        return F.cross_entropy(site, labels.to(site.device), reduction=objective.reduction.value)
     if kind in ("mse", "grad_outputs"):
         name = "expected" if kind == "mse" else "grad_output"
         other = _required(objective, name)
@@ -80,7 +88,7 @@ def loss(objective: Objective, site: torch.Tensor) -> torch.Tensor:
             )
         other = other.to(device=site.device, dtype=site.dtype)
         if kind == "mse":
-            return F.mse_loss(site, other, reduction=objective.reduction)
+            return F.mse_loss(site, other, reduction=objective.reduction.value)
         return (site * other).sum()
     raise InvalidArgument(f"unknown objective {kind!r}", reason="BAD_OBJECTIVE", field=f)
 

@@ -11,25 +11,12 @@ from google.protobuf.message import Message
 
 from gradtap.v1 import gradtap_pb2 as pb
 
-from ..engine.analysis import Collected, Role
+from ..engine.analysis import Collected
 from ..engine.reduce import Applied
-from .tensors import REDUCES, WIRE_DTYPES
+from .names import ROLES, WIRE_DTYPES, WIRE_REDUCES
 
 CHUNK_BYTES = 1 << 20
 """Most tensor bytes carried by one stream message."""
-
-ROLES = {
-    Role.ACTIVATION: pb.TENSOR_ROLE_ACTIVATION,
-    Role.GRADIENT: pb.TENSOR_ROLE_GRADIENT,
-    Role.INPUT_GRADIENT: pb.TENSOR_ROLE_INPUT_GRADIENT,
-    Role.OUTPUT: pb.TENSOR_ROLE_OUTPUT,
-    Role.PARAMETER_GRADIENT: pb.TENSOR_ROLE_PARAMETER_GRADIENT,
-    Role.TOPK_INDICES: pb.TENSOR_ROLE_TOPK_INDICES,
-    Role.MEAN_GRADIENT: pb.TENSOR_ROLE_MEAN_GRADIENT,
-    Role.MEAN_ABS_GRADIENT: pb.TENSOR_ROLE_MEAN_ABS_GRADIENT,
-    Role.ATTRIBUTION: pb.TENSOR_ROLE_ATTRIBUTION,
-    Role.ADVERSARIAL: pb.TENSOR_ROLE_ADVERSARIAL,
-}
 
 
 def header(tensors: Sequence[Collected]) -> pb.AnalyzeHeader:
@@ -55,9 +42,9 @@ def header(tensors: Sequence[Collected]) -> pb.AnalyzeHeader:
 
 def _reduction_header(header: pb.TensorHeader, applied: Applied) -> None:
     """Records in a tensor's header the reduction it went through."""
-    codes = {name: code for code, name in REDUCES.items()}
     header.reduction.SetInParent()
-    header.reduction.reduce = codes.get(applied.reduce or "", pb.REDUCE_UNSPECIFIED)
+    if applied.reduce is not None:
+        header.reduction.reduce = WIRE_REDUCES[applied.reduce]
     header.reduction.dims.extend(applied.dims)
     header.reduction.topk = applied.topk
     header.reduced_shape.extend(applied.reduced_shape)

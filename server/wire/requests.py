@@ -19,17 +19,18 @@ from google.protobuf.message import Message
 from gradtap.v1 import gradtap_pb2 as pb
 
 from ..engine import budget
+from ..engine.adversarial import NORMS as ENGINE_NORMS
 from ..engine.adversarial import ZERO_THRESHOLD, Perturbation
 from ..engine.aggregate import Aggregator
 from ..engine.analysis import Analysis, Target
 from ..engine.attribution import Attribution
-from ..engine.objectives import Objective
+from ..engine.objectives import LossReduction, Objective
 from ..engine.reduce import Reduction
 from ..errors import FailedPrecondition, InvalidArgument, NotFound, RequestError
 from ..models.model import Model
 from ..models.registry import MODEL_NAME, Registry
-from . import shm
-from .tensors import REDUCES, TORCH_DTYPES, copied, declared
+from . import names, shm
+from .tensors import copied, declared
 
 
 @dataclass(frozen=True)
@@ -56,40 +57,6 @@ _AUTOCAST = {
     pb.PRECISION_BFLOAT16_AUTOCAST: True,
 }
 """Precision -> whether the forward pass runs under bfloat16 autocast."""
-
-_REDUCTIONS = {
-    pb.LOSS_REDUCTION_UNSPECIFIED: "mean",
-    pb.LOSS_REDUCTION_MEAN: "mean",
-    pb.LOSS_REDUCTION_SUM: "sum",
-}
-
-ATTRIBUTION_METHODS: dict[pb.AttributionMethod.ValueType, str] = {
-    pb.ATTRIBUTION_METHOD_SALIENCY: "saliency",
-    pb.ATTRIBUTION_METHOD_INPUT_X_GRADIENT: "input_x_gradient",
-    pb.ATTRIBUTION_METHOD_INTEGRATED_GRADIENTS: "integrated_gradients",
-    pb.ATTRIBUTION_METHOD_SMOOTHGRAD: "smoothgrad",
-    pb.ATTRIBUTION_METHOD_GUIDED_BACKPROP: "guided_backprop",
-    pb.ATTRIBUTION_METHOD_LAYER_GRADIENT_X_ACTIVATION: "layer_gradient_x_activation",
-    pb.ATTRIBUTION_METHOD_LAYER_GRAD_CAM: "layer_grad_cam",
-    pb.ATTRIBUTION_METHOD_LAYER_INTEGRATED_GRADIENTS: "layer_integrated_gradients",
-    pb.ATTRIBUTION_METHOD_LAYER_CONDUCTANCE: "layer_conductance",
-}
-INTEGRATION_METHODS: dict[pb.IntegrationMethod.ValueType, str] = {
-    pb.INTEGRATION_METHOD_GAUSSLEGENDRE: "gausslegendre",
-    pb.INTEGRATION_METHOD_RIEMANN_LEFT: "riemann_left",
-    pb.INTEGRATION_METHOD_RIEMANN_RIGHT: "riemann_right",
-    pb.INTEGRATION_METHOD_RIEMANN_MIDDLE: "riemann_middle",
-    pb.INTEGRATION_METHOD_RIEMANN_TRAPEZOID: "riemann_trapezoid",
-}
-PERTURB_METHODS: dict[pb.PerturbMethod.ValueType, str] = {
-    pb.PERTURB_METHOD_FGSM: "fgsm",
-    pb.PERTURB_METHOD_PGD: "pgd",
-}
-NORMS: dict[pb.PerturbNorm.ValueType, str] = {
-    pb.PERTURB_NORM_UNSPECIFIED: "Linf",
-    pb.PERTURB_NORM_LINF: "Linf",
-    pb.PERTURB_NORM_L2: "L2",
-}
 
 
 def model(registry: Registry, ref: pb.Model) -> Model:
@@ -261,7 +228,7 @@ def _reduction(target: pb.TargetLayer, i: int) -> Reduction | None:
     field = f"targets[{i}]"
     dtype = None
     if target.dtype != pb.DTYPE_UNSPECIFIED:
-        dtype = TORCH_DTYPES.get(target.dtype)
+        dtype = names.TORCH_DTYPES.get(target.dtype)
         if dtype is None:
             raise InvalidArgument(
                 f"{field}.dtype has unknown value {target.dtype}",
@@ -269,15 +236,16 @@ def _reduction(target: pb.TargetLayer, i: int) -> Reduction | None:
                 field=f"{field}.dtype",
             )
     r = target.reduction
-    if r.reduce != pb.REDUCE_UNSPECIFIED and r.reduce not in REDUCES:
-        raise InvalidArgument(
-            f"{field}.reduction.reduce has unknown value {r.reduce}",
-            reason="BAD_REDUCTION",
-            field=f"{field}.reduction.reduce",
-        )
-    reduction = Reduction(
-        reduce=REDUCES.get(r.reduce), dims=tuple(r.dims) or None, topk=r.topk, dtype=dtype
-    )
+    reduce = None
+    if r.reduce != pb.REDUCE_UNSPECIFIED:
+        reduce = names.REDUCES.get(r.reduce)
+        if reduce is None:
+            raise InvalidArgument(
+                f"{field}.reduction.reduce has unknown value {r.reduce}",
+                reason="BAD_REDUCTION",
+                field=f"{field}.reduction.reduce",
+            )
+    reduction = Reduction(reduce=reduce, dims=tuple(r.dims) or None, topk=r.topk, dtype=dtype)
     return None if reduction == Reduction() else reduction
 
 
@@ -302,15 +270,16 @@ def _objective(message: pb.Objective, limits: Limits) -> Objective:
     for name in _OBJECTIVE_TENSORS:
         if _has(body, name):
             tensor = declared(getattr(body, name), f"{field}.{name}", limits.max_tensor_elements)
-    reduction = "mean"
-    if "reduction" in body.DESCRIPTOR.fields_by_name:
-        if body.reduction not in _REDUCTIONS:
+    reduction = LossReduction.MEAN
+    if "reduction" in body.DESCRIPTOR.fields_by_name and body.reduction:
+        found = names.LOSS_REDUCTIONS.get(body.reduction)
+        if found is None:
             raise InvalidArgument(
                 f"{field}.reduction has unknown value {body.reduction}",
                 reason="BAD_OBJECTIVE",
                 field=f"{field}.reduction",
             )
-        reduction = _REDUCTIONS[body.reduction]
+        reduction = found
     return Objective(
         kind=kind,
         output=body.site.output,
@@ -355,7 +324,7 @@ def _enum_error(what: str, value: int, field: str) -> InvalidArgument:
 
 def attribution(request: pb.AttributeRequest, served: Model, limits: Limits) -> Attribution:
     """Checks and decodes an Attribute request; params keep only the fields set."""
-    method = ATTRIBUTION_METHODS.get(request.method)
+    method = names.ATTRIBUTION_METHODS.get(request.method)
     if method is None:
         raise _enum_error("attribution method", request.method, "method")
     inputs = [
@@ -368,7 +337,7 @@ def attribution(request: pb.AttributeRequest, served: Model, limits: Limits) -> 
         fd.name: value for fd, value in p.ListFields() if fd.name not in ("method", "baselines")
     }
     if p.method != pb.INTEGRATION_METHOD_UNSPECIFIED:
-        integration = INTEGRATION_METHODS.get(p.method)
+        integration = names.INTEGRATION_METHODS.get(p.method)
         if integration is None:
             raise _enum_error("integration method", p.method, "params.method")
         params["method"] = integration
@@ -391,12 +360,15 @@ def attribution(request: pb.AttributeRequest, served: Model, limits: Limits) -> 
 def perturbation(request: pb.PerturbRequest, served: Model, limits: Limits) -> Perturbation:
     """Checks and decodes a Perturb request."""
     objective = _objective(request.objective, limits) if request.HasField("objective") else None
-    method = PERTURB_METHODS.get(request.method)
+    method = names.PERTURB_METHODS.get(request.method)
     if method is None:
         raise _enum_error("perturbation method (fgsm or pgd)", request.method, "method")
-    norm = NORMS.get(request.norm)
-    if norm is None:
-        raise _enum_error("norm", request.norm, "norm")
+    norm = ENGINE_NORMS[0]
+    if request.norm != pb.PERTURB_NORM_UNSPECIFIED:
+        found = names.NORMS.get(request.norm)
+        if found is None:
+            raise _enum_error("norm", request.norm, "norm")
+        norm = found
     inputs = [
         declared(t, f"inputs[{i}]", limits.max_tensor_elements)
         for i, t in enumerate(request.inputs)

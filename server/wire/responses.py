@@ -24,7 +24,7 @@ from ..models.model import Model, Spec
 from ..models.registry import Registry
 from . import shm
 from .frames import frames, header, on_host
-from .tensors import WIRE_DTYPES
+from .names import WIRE_DTYPES
 
 T = TypeVar("T")
 

@@ -1,5 +1,4 @@
-"""Request tensors: every check of a tensor's header and byte length, then the copy; and the
-wire's dtype and reduce tables.
+"""Request tensors: every check of a tensor's header and byte length, then the copy.
 
 A request is checked in two steps so that nothing is allocated before all of it passed:
 `declared` checks one tensor's message and answers its dtype and shape as a tensor on the
@@ -17,37 +16,13 @@ import torch
 from gradtap.v1 import gradtap_pb2 as pb
 
 from ..errors import InvalidArgument, ResourceExhausted
+from .names import TORCH_DTYPES
 
 if sys.byteorder != "little":  # the wire is little-endian and tensors are sent as raw memory
     raise ImportError("gradtap's server needs a little-endian machine")
 
 MAX_RANK = 8
 """Most dimensions a request tensor may have."""
-
-TORCH_DTYPES: dict[pb.DType.ValueType, torch.dtype] = {
-    pb.DTYPE_FLOAT32: torch.float32,
-    pb.DTYPE_FLOAT64: torch.float64,
-    pb.DTYPE_FLOAT16: torch.float16,
-    pb.DTYPE_BFLOAT16: torch.bfloat16,
-    pb.DTYPE_INT64: torch.int64,
-    pb.DTYPE_INT32: torch.int32,
-    pb.DTYPE_INT16: torch.int16,
-    pb.DTYPE_INT8: torch.int8,
-    pb.DTYPE_UINT8: torch.uint8,
-    pb.DTYPE_BOOL: torch.bool,
-}
-"""The dtype allow-list: wire dtype -> torch dtype."""
-
-WIRE_DTYPES: dict[torch.dtype, pb.DType.ValueType] = {v: k for k, v in TORCH_DTYPES.items()}
-
-REDUCES: dict[pb.Reduce.ValueType, str] = {
-    pb.REDUCE_SUM: "sum",
-    pb.REDUCE_MEAN: "mean",
-    pb.REDUCE_ABS_MEAN: "abs_mean",
-    pb.REDUCE_NORM: "norm",
-    pb.REDUCE_MAX: "max",
-}
-"""Wire reduce -> the engine's name (engine/reduce.py); REDUCE_UNSPECIFIED means none."""
 
 _META = torch.device("meta")
 
