@@ -1,18 +1,11 @@
 """Attribution methods on served models: Captum's algorithms over the exported graph.
 
-Captum hooks nn.Modules, and an exported program has none: its flat graph calls aten
-operators. Each call therefore copies the graph and rewrites the copy so that Captum finds
-what it hooks. A layer gets an nn.Identity right after its node, so a graph node and a
-module path are layers alike; for guided backprop every aten.relu becomes an nn.ReLU
-module. The copy is built per call (well under a millisecond for the seed models), so the
-hooks Captum registers never touch a module that another call is running.
-
-The engine knows nothing of gRPC, and neither does this module.
+This module checks an attribution request against its model and runs it; the graph Captum
+hooks, and the calls into Captum, are in engine/captum_bridge.py.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import secrets
 import time
@@ -22,20 +15,10 @@ from typing import Any
 
 import captum
 import torch
-from captum.attr import (
-    GuidedBackprop,
-    InputXGradient,
-    IntegratedGradients,
-    LayerConductance,
-    LayerGradCam,
-    LayerGradientXActivation,
-    LayerIntegratedGradients,
-    Saliency,
-)
-from torch import nn
 
 from ..errors import Cancelled, InvalidArgument, ResourceExhausted
 from ..models.model import Model, dtype_name
+from .captum_bridge import INTEGRATION_METHODS, ModelForward, call, rewritten_graph
 from .graph import ShouldStop, never, release
 
 CAPTUM_VERSION: str = captum.__version__
@@ -49,15 +32,6 @@ MAX_NT_SAMPLES = 1024
 ACTIVATION_BUDGET_BYTES = 256 << 20
 """Activation memory one forward pass over integration steps may take when the caller
 leaves internal_batch_size unset: the server batches the steps to stay within it."""
-
-INTEGRATION_METHODS = (
-    "gausslegendre",
-    "riemann_left",
-    "riemann_right",
-    "riemann_middle",
-    "riemann_trapezoid",
-)
-"""Captum's names for the integration rules; the first is its default."""
 
 _INTEGRATION = frozenset({"n_steps", "method", "baselines", "internal_batch_size"})
 
@@ -160,7 +134,7 @@ def attribute(
         ) from None
 
 
-# -- request checks ---------------------------------------------------------------------------
+# -- request checks -------------------------------------------------------------------------
 
 
 def _plan(model: Model, request: Attribution) -> _Plan:
@@ -347,93 +321,7 @@ def _shape(dims: Sequence[Any]) -> str:
     return "(" + ", ".join(str(d.size) if d.size is not None else "N" for d in dims) + ")"
 
 
-# -- the model as a module Captum can hook ----------------------------------------------------
-
-LAYER_MODULE = "gradtap_layer"
-"""The nn.Identity inserted after the layer's node; Captum hooks it."""
-
-
-class ModelForward(nn.Module):
-    """The model's flat graph as a module: forward(*captum_inputs, *held) -> one output.
-
-    `slots[j]` is the forward argument that feeds model input j, so the attributed input
-    can come first (Captum's `inputs`) and the rest follow (its additional_forward_args).
-    Every call checks `should_stop`, so a cancelled call stops between Captum's batches.
-    """
-
-    def __init__(
-        self,
-        graph: torch.fx.GraphModule,
-        state: Sequence[torch.Tensor],
-        slots: Sequence[int],
-        should_stop: ShouldStop = never,
-    ) -> None:
-        super().__init__()
-        self.graph = graph
-        self._state = tuple(state)
-        self._slots = tuple(slots)
-        self._should_stop = should_stop
-
-    def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        if self._should_stop():
-            raise Cancelled("the call was cancelled", reason="CANCELLED")
-        result = self.graph(*self._state, *(args[k] for k in self._slots))
-        assert isinstance(result, torch.Tensor)
-        return result
-
-    @property
-    def layer(self) -> nn.Module:
-        """The identity module standing for the layer."""
-        return self.graph.get_submodule(LAYER_MODULE)
-
-
-def rewritten_graph(
-    model: Model, output: int, layer: str | None = None, guided: bool = False
-) -> torch.fx.GraphModule:
-    """A copy of the model's flat graph returning one output, with an identity module after
-    `layer` and, when `guided`, every aten.relu replaced by an nn.ReLU module."""
-    source = model.program.graph
-    graph = torch.fx.Graph()
-    copied: dict[torch.fx.Node, torch.fx.Node] = {}
-    flat = graph.graph_copy(source, copied)
-    assert isinstance(flat, (tuple, list))
-    result = flat[model.output_positions[output]]
-    root: dict[str, Any] = {
-        str(old.target): functools.reduce(
-            getattr, str(old.target).split("."), model.program.graph_module
-        )
-        for old in source.nodes
-        if old.op == "get_attr"
-    }
-    if layer is not None:
-        node = next(new for old, new in copied.items() if old.name == layer)
-        anchor = node
-        if node.op == "placeholder":  # a model input: tap it after the last placeholder
-            anchor = [n for n in graph.nodes if n.op == "placeholder"][-1]
-        with graph.inserting_after(anchor):
-            tap = graph.call_module(LAYER_MODULE, (node,))
-        node.replace_all_uses_with(tap, delete_user_cb=lambda user: user is not tap)
-        root[LAYER_MODULE] = nn.Identity()
-        result = tap if result is node else result
-    if guided:
-        relus = [
-            n
-            for n in graph.nodes
-            if n.op == "call_function" and n.target is torch.ops.aten.relu.default
-        ]
-        for i, node in enumerate(relus):
-            name = f"gradtap_relu_{i}"
-            with graph.inserting_after(node):
-                module_call = graph.call_module(name, (node.args[0],))
-            node.replace_all_uses_with(module_call)
-            graph.erase_node(node)
-            root[name] = nn.ReLU()
-            result = module_call if result is node else result
-    graph.output(result)
-    return torch.fx.GraphModule(root, graph)
-
-
-# -- the run ----------------------------------------------------------------------------------
+# -- the run --------------------------------------------------------------------------------
 
 
 def _run(
@@ -489,7 +377,7 @@ def _run(
             params["nt_samples_batch_size"] = max(1, min(samples, fits // rows))
     try:
         with torch.enable_grad():
-            attribution = _captum(request.method, forward, captum_inputs, held, plan, params)
+            attribution = call(request.method, forward, captum_inputs, held, plan.target, params)
     except (RuntimeError, IndexError) as e:
         if isinstance(e, torch.OutOfMemoryError):
             raise
@@ -541,114 +429,3 @@ def _row_bytes(model: Model) -> int:
         elements = math.prod(d.size if d.size is not None else 1 for d in info.spec.dims[1:])
         total += elements * info.spec.dtype.itemsize
     return max(total, 1)
-
-
-def _captum(
-    method: str,
-    forward: ModelForward,
-    inputs: tuple[torch.Tensor, ...],
-    held: tuple[torch.Tensor, ...],
-    plan: _Plan,
-    params: dict[str, Any],
-) -> torch.Tensor:
-    """Calls Captum's method with Captum's own parameter names and defaults."""
-    target = plan.target
-    extra = held or None
-    x = inputs[0]
-    integration = {
-        "n_steps": params.get("n_steps", 50),
-        "method": params.get("method", INTEGRATION_METHODS[0]),
-        "internal_batch_size": params.get("internal_batch_size"),
-    }
-    baselines = params.get("baselines")
-    if isinstance(baselines, torch.Tensor):
-        baselines = baselines.to(x.device)
-    result: Any
-    if method == "saliency":
-        result = Saliency(forward).attribute(
-            x, target=target, abs=params.get("abs", True), additional_forward_args=extra
-        )
-    elif method == "input_x_gradient":
-        result = InputXGradient(forward).attribute(x, target=target, additional_forward_args=extra)
-    elif method == "integrated_gradients":
-        ig = IntegratedGradients(forward, multiply_by_inputs=params.get("multiply_by_inputs", True))
-        result = ig.attribute(
-            x, baselines=baselines, target=target, additional_forward_args=extra, **integration
-        )
-    elif method == "smoothgrad":
-        result = _smoothgrad(forward, x, target, held, params)
-    elif method == "guided_backprop":
-        result = GuidedBackprop(forward).attribute(x, target=target, additional_forward_args=extra)
-    elif method == "layer_gradient_x_activation":
-        lgxa = LayerGradientXActivation(
-            forward, forward.layer, multiply_by_inputs=params.get("multiply_by_inputs", True)
-        )
-        result = lgxa.attribute(inputs, target=target, additional_forward_args=extra)
-    elif method == "layer_grad_cam":
-        result = LayerGradCam(forward, forward.layer).attribute(
-            inputs,
-            target=target,
-            additional_forward_args=extra,
-            relu_attributions=params.get("relu_attributions", False),
-            attr_dim_summation=params.get("attr_dim_summation", True),
-        )
-    elif method == "layer_integrated_gradients":
-        lig = LayerIntegratedGradients(
-            forward, forward.layer, multiply_by_inputs=params.get("multiply_by_inputs", True)
-        )
-        result = lig.attribute(
-            x, baselines=baselines, target=target, additional_forward_args=extra, **integration
-        )
-    elif method == "layer_conductance":
-        result = LayerConductance(forward, forward.layer).attribute(
-            x, baselines=baselines, target=target, additional_forward_args=extra, **integration
-        )
-    else:  # METHODS and this chain list the same names
-        raise AssertionError(method)
-    assert isinstance(result, torch.Tensor)
-    return result
-
-
-def _smoothgrad(
-    forward: ModelForward,
-    x: torch.Tensor,
-    target: int | list[int] | None,
-    held: tuple[torch.Tensor, ...],
-    params: Mapping[str, Any],
-) -> torch.Tensor:
-    """Captum's NoiseTunnel(Saliency) with nt_type "smoothgrad", noise from a seeded generator.
-
-    NoiseTunnel draws its noise from torch's global generator, which every thread of the
-    server shares: seeding it would be neither thread-safe nor reproducible. This loop does
-    what NoiseTunnel does, in the same order (batches of nt_samples_batch_size, then the
-    remainder), drawing from a private CPU generator. On the CPU the noise is exactly what
-    torch.manual_seed(seed) followed by NoiseTunnel would draw, and on any device a seed
-    gives the same noise.
-    """
-    samples = int(params.get("nt_samples", 5))
-    batch = min(samples, int(params.get("nt_samples_batch_size") or samples))
-    stdev = float(params.get("stdevs", 1.0))
-    generator = torch.Generator().manual_seed(int(params["seed"]))
-    saliency = Saliency(forward)
-    rows = x.shape[0]
-    total: torch.Tensor | None = None
-    done = 0
-    while done < samples:
-        k = min(batch, samples - done)
-        shape = (rows * k, *x.shape[1:])
-        with torch.no_grad():
-            noise = torch.normal(0.0, torch.full(shape, stdev), generator=generator)
-            noisy = (x.repeat_interleave(k, dim=0) + noise.to(x.device)).requires_grad_(True)
-        expanded = [t for t in target for _ in range(k)] if isinstance(target, list) else target
-        extra = tuple(t.repeat_interleave(k, dim=0) if t.dim() else t for t in held)
-        attribution = saliency.attribute(
-            noisy,
-            target=expanded,
-            abs=params.get("abs", True),
-            additional_forward_args=extra or None,
-        )
-        part = attribution.detach().view(rows, k, *attribution.shape[1:]).sum(dim=1)
-        total = part if total is None else total + part
-        done += k
-    assert total is not None
-    return total * 1 / samples

@@ -18,7 +18,7 @@ import torch
 
 from gradtap.v1 import gradtap_pb2 as pb
 
-from ..engine import adversarial, attribution
+from ..engine import adversarial, attribution, captum_bridge
 from ..engine.analysis import Role
 from ..engine.objectives import LossReduction
 from ..engine.reduce import Reduce
@@ -76,6 +76,6 @@ WIRE_REDUCES = _reversed(REDUCES)
 LOSS_REDUCTIONS = _members(pb.LossReduction, LossReduction)
 
 ATTRIBUTION_METHODS = _spelled(pb.AttributionMethod, attribution.METHODS)
-INTEGRATION_METHODS = _spelled(pb.IntegrationMethod, attribution.INTEGRATION_METHODS)
+INTEGRATION_METHODS = _spelled(pb.IntegrationMethod, captum_bridge.INTEGRATION_METHODS)
 PERTURB_METHODS = _spelled(pb.PerturbMethod, adversarial.METHODS)
 NORMS = _spelled(pb.PerturbNorm, adversarial.NORMS)

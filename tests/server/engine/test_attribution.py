@@ -25,7 +25,8 @@ from captum.attr import (
 )
 from gradtap.client import Client, GradtapError
 from gradtap.server.engine import attribution
-from gradtap.server.engine.attribution import Attribution, ModelForward, rewritten_graph
+from gradtap.server.engine.attribution import Attribution
+from gradtap.server.engine.captum_bridge import ModelForward, rewritten_graph
 from gradtap.server.errors import Cancelled
 from gradtap.server.models.model import prepare
 from gradtap.server.models.zoo import SeedConvNet, SeedMLP, builtin_module, export_builtin
