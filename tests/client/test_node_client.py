@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from gradtap.client import Client, Objective
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "tests" / "node" / "analyze.js"
 GRPC_JS = ROOT / "tools" / "node_modules" / "@grpc" / "grpc-js"
 

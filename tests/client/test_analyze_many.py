@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from gradtap.client import Aggregate, Client, GradtapError, Objective, Target, aio
 
-from . import models
+from .. import models
 
 RTOL, ATOL = 1e-5, 1e-7
 
