@@ -44,7 +44,7 @@ from ._result import (
 )
 from ._retry import DEFAULT_RETRIES, Resend
 from ._shm import Regions, SharedRegion
-from ._target import Target, as_float32
+from ._target import Targets, as_float32, as_targets
 
 
 class Client:
@@ -151,7 +151,7 @@ class Client:
         self,
         model: str,
         inputs: Any,
-        targets: Sequence[str | Target] = (),
+        targets: Targets = (),
         objective: Objective | None = None,
         *,
         input_grad: bool = False,
@@ -192,6 +192,7 @@ class Client:
         Raises:
             GradtapError: INVALID_ARGUMENT (naming the field), NOT_FOUND, UNAVAILABLE, ...
         """
+        targets = as_targets(targets)
         request = analyze_request(
             model,
             inputs,
@@ -230,7 +231,7 @@ class Client:
         self,
         model: str,
         batches: Iterable[Any],
-        targets: Sequence[str | Target] = (),
+        targets: Targets = (),
         objective: ObjectiveFor = None,
         *,
         input_grad: bool = False,
@@ -275,6 +276,7 @@ class Client:
                 it have been yielded.
             ValueError: for arguments that cannot work, while iterating for bad items.
         """
+        targets = as_targets(targets)
         options, flags = many_options(
             aggregate, per_item, max_in_flight, input_grad, activations, outputs, param_grads
         )

@@ -71,8 +71,8 @@ def perturb_request(
         raise ValueError(f"method must be 'fgsm' or 'pgd', not {method!r}")
     if norm not in NORMS:
         raise ValueError(f"norm must be 'Linf' or 'L2', not {norm!r}")
-    if objective is not None and not isinstance(objective, Objective):
-        raise TypeError("objective must be built with gradtap.client.Objective")
+    if not isinstance(objective, Objective):
+        raise TypeError("perturb needs an objective, built with gradtap.client.Objective")
     arrays = [np.asarray(a) for a in (inputs if isinstance(inputs, (list, tuple)) else [inputs])]
     request = pb.PerturbRequest(
         model=model_ref(model, digest),
@@ -85,8 +85,7 @@ def perturb_request(
         targeted=bool(targeted),
         random_start=bool(random_start),
     )
-    if objective is not None:
-        request.objective.CopyFrom(objective.message)
+    request.objective.CopyFrom(objective.message)
     if clamp is not None:
         low, high = clamp
         if low is not None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -112,6 +112,30 @@ class Target:
 
 TargetLike = str | Target
 """A target name, or a Target with a reduction."""
+
+Targets = TargetLike | Sequence[TargetLike] | None
+"""What a call's `targets` takes: one target, a sequence of them, or None for none."""
+
+
+def as_targets(targets: object) -> tuple[TargetLike, ...]:
+    """`targets` as a tuple: one name or Target, or a sequence of them; TypeError for anything
+    else, raised before a call sends anything."""
+    if targets is None:
+        return ()
+    if isinstance(targets, (str, Target)):
+        return (targets,)
+    if not isinstance(targets, Iterable) or isinstance(targets, (bytes, bytearray, Mapping)):
+        raise TypeError(
+            "targets must be a node name, a Target, or a sequence of them, "
+            f"not {type(targets).__name__}"
+        )
+    found = tuple(targets)
+    for i, target in enumerate(found):
+        if not isinstance(target, (str, Target)):
+            raise TypeError(
+                f"targets[{i}] must be a node name or a Target, not {type(target).__name__}"
+            )
+    return found
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ from ._result import (
 )
 from ._retry import DEFAULT_RETRIES, Resend
 from ._shm import Regions, SharedRegion
-from ._target import Target, as_float32
+from ._target import Targets, as_float32, as_targets
 
 __all__ = ["Client", "GradtapError", "Objective", "Result"]
 
@@ -133,7 +133,7 @@ class Client:
         self,
         model: str,
         inputs: Any,
-        targets: Sequence[str | Target] = (),
+        targets: Targets = (),
         objective: Objective | None = None,
         *,
         input_grad: bool = False,
@@ -146,6 +146,7 @@ class Client:
         timeout: float | None = None,
     ) -> Result:
         """Runs one forward and backward pass; see gradtap.client.Client.analyze."""
+        targets = as_targets(targets)
         request = analyze_request(
             model,
             inputs,
@@ -184,7 +185,7 @@ class Client:
         self,
         model: str,
         batches: Iterable[Any],
-        targets: Sequence[str | Target] = (),
+        targets: Targets = (),
         objective: ObjectiveFor = None,
         *,
         input_grad: bool = False,
@@ -203,6 +204,7 @@ class Client:
         Returns an AsyncResultStream: `async for r in client.analyze_many(...)`; its
         `.aggregate` is set once the last result was taken.
         """
+        targets = as_targets(targets)
         options, flags = many_options(
             aggregate, per_item, max_in_flight, input_grad, activations, outputs, param_grads
         )

@@ -299,10 +299,27 @@ def test_bad_loops_are_invalid_argument_naming_the_field(
     assert info.value.field == field
 
 
-def test_objective_errors_name_the_objective_field(client: Client) -> None:
+def test_objective_errors_name_the_objective_field(client: Client, address: str) -> None:
+    import grpc
+    from gradtap.client._errors import from_rpc_error
+
+    from gradtap.v1 import gradtap_pb2 as pb
+    from gradtap.v1 import gradtap_pb2_grpc as pb_grpc
+
     x = torch.randn(1, 784).numpy()
-    with pytest.raises(GradtapError) as info:
-        client.perturb("seed-mlp", x, "fgsm", None, epsilon=0.1)
+    # The client refuses a call without an objective before sending it; the server, sent
+    # one anyway, names the field.
+    request = pb.PerturbRequest(
+        model=pb.Model(name="seed-mlp"),
+        inputs=[pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=x.shape, data=x.tobytes())],
+        method=pb.PERTURB_METHOD_FGSM,
+        epsilon=0.1,
+    )
+    with grpc.insecure_channel(address) as channel, pytest.raises(GradtapError) as info:
+        try:
+            list(pb_grpc.GradientServiceStub(channel).Perturb(request, timeout=30))
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
     assert info.value.field == "objective"
     with pytest.raises(GradtapError) as info:
         client.perturb(
