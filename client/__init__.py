@@ -8,7 +8,7 @@ with Client("127.0.0.1:50051") as c:
 
 from ._client import Client
 from ._errors import ErrorDetails, FieldViolation, GradtapError
-from ._many import Aggregate, ResultStream
+from ._many import Aggregate, AsyncResultStream, ResultStream
 from ._objective import Objective
 from ._perturb import PerturbResult
 from ._plot import plot as plot_attribution
@@ -18,6 +18,7 @@ from ._target import Reduction, Target
 
 __all__ = [
     "Aggregate",
+    "AsyncResultStream",
     "Client",
     "ErrorDetails",
     "FieldViolation",

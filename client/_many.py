@@ -289,6 +289,9 @@ class ResultStream(_Aggregating):
 class AsyncResultStream(_Aggregating):
     """The results of aio Client.analyze_many: an async iterator of Result, in item order.
 
+    The stream starts on the first `__anext__()`. Leaving `async with` early (or `close()`)
+    cancels it.
+
     `aggregate` holds the job's Aggregate once the last result was taken.
     """
 
@@ -308,6 +311,17 @@ class AsyncResultStream(_Aggregating):
 
     async def __anext__(self) -> Result:
         return await self._results.__anext__()
+
+    async def __aenter__(self) -> AsyncResultStream:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
 
     async def close(self) -> None:
         """Cancels the stream if it is still running."""

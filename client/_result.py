@@ -65,8 +65,8 @@ class Result:
             image: the input the tensor belongs to (the same batch), drawn under an
                 input gradient's heatmap.
             row: the batch row to draw.
-            kind: "overlay", "bars" or "channels"; by default chosen from the shape (see
-                gradtap.client.plot).
+            kind: "overlay", "bars" or "channels"; by default chosen from the shape, as
+                gradtap.client.plot_attribution chooses it (docs/plots.md).
             size: (width, height) of the PNG in pixels.
             title: a title drawn on the picture.
 

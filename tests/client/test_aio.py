@@ -36,3 +36,21 @@ def test_async_client_raises_gradtap_error_with_details(address: str) -> None:
     with pytest.raises(GradtapError) as info:
         asyncio.run(run())
     assert info.value.code == grpc.StatusCode.NOT_FOUND and info.value.field == "model.name"
+
+
+def test_async_result_stream_is_exported_and_closes_with_async_with(address: str) -> None:
+    from gradtap.client import AsyncResultStream
+
+    x = np.random.default_rng(4).standard_normal((1, 3, 28, 28)).astype(np.float32)
+
+    async def run() -> tuple[int, int]:
+        async with aio.Client(address, timeout=30) as c:
+            async with c.analyze_many("seed-convnet", [x] * 5, ["relu_1"], Objective.sum()) as s:
+                assert isinstance(s, AsyncResultStream)
+                first = [r.metadata["item"] async for r in s]
+            async with c.analyze_many("seed-convnet", [x] * 5, ["relu_1"], Objective.sum()) as s:
+                async for _ in s:
+                    break  # leaving the block cancels the rest of the stream
+            return len(first), len([r async for r in c.analyze_many("seed-convnet", [x], "relu_1")])
+
+    assert asyncio.run(run()) == (5, 1)
