@@ -84,7 +84,7 @@ def analyze_dir(
 
     written = 0
     stream = client.analyze_many(
-        model, items(), targets, objective, input_grad=input_grad, activations=activations
+        model, items(), targets, objective, input_grads=input_grad, activations=activations
     )
     bar: Any = tqdm(total=len(files), unit="item", desc=model, file=sys.stderr)
     with stream, bar:

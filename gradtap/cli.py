@@ -143,7 +143,7 @@ def parse_objective(spec: str, output: int, node: str | None) -> Objective | Non
             _usage(f"{kind}: file {path} does not exist", "--objective")
         array = _load_npy(path, "--objective")
         if kind == "mse":
-            return Objective.mse(array, node, output)
+            return Objective.mse(array, output, node)
         return Objective.grad_outputs(array, output, node)
     _usage(f"unknown objective {spec!r}; use one of: {OBJECTIVE_SPECS}", "--objective")
 
@@ -697,7 +697,7 @@ def analyze(
                 arrays,
                 targets,
                 objective,
-                input_grad=input_grad,
+                input_grads=input_grad,
                 activations=activations,
             )
         except ValueError as e:  # an input the wire cannot carry, e.g. complex or object arrays
@@ -829,9 +829,11 @@ def attribute(
             arrays = random_inputs(description.inputs, seed)
         arrays = matched_inputs(arrays, description.inputs)
         try:
+            if "method" in options:  # Captum's name for the integration rule
+                options["integration_method"] = options.pop("method")
             attribution = client.attribute(
-                model, arrays, method.value, targets, layer, output=output, **options
-            )
+                model, arrays, method.value, index=targets, node=layer, output=output, **options
+            ).attribution
         except (TypeError, ValueError) as e:  # a parameter the wire cannot carry
             _usage(str(e), "--param")
     where = f"layer {layer}" if layer else "input"

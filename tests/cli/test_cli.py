@@ -106,7 +106,7 @@ def test_analyze_saves_the_same_gradients_as_the_client(address: str, tmp_path: 
             x,
             targets=["relu_1"],
             objective=Objective.cross_entropy([3]),
-            input_grad=True,
+            input_grads=True,
         )
     with np.load(tmp_path / "r.npz") as saved:
         assert sorted(saved.files) == [
@@ -185,7 +185,7 @@ def test_analyze_mse_objective_at_a_node_matches_the_client(address: str, tmp_pa
     assert "mse at node relu_1" in result.stdout
     with Client(address) as client:
         expected = client.analyze(
-            "seed-mlp", x, ["relu_1"], Objective.mse(target, node="relu_1"), input_grad=True
+            "seed-mlp", x, ["relu_1"], Objective.mse(target, node="relu_1"), input_grads=True
         )
     with np.load(tmp_path / "r.npz") as saved:
         np.testing.assert_allclose(saved["input_grad/0"], expected.input_grads[0], RTOL)

@@ -13,11 +13,11 @@ from gradtap.client import Client, GradtapError, Objective, aio
 def test_async_client_matches_sync_client(address: str, client: Client) -> None:
     x = np.random.default_rng(3).standard_normal((2, 3, 28, 28)).astype(np.float32)
     objective = Objective.cross_entropy([1, 2])
-    expected = client.analyze("seed-convnet", x, ["relu_1"], objective, input_grad=True)
+    expected = client.analyze("seed-convnet", x, ["relu_1"], objective, input_grads=True)
 
     async def run() -> tuple[aio.Result, list[str], str]:
         async with aio.Client(address, timeout=30) as c:
-            r = await c.analyze("seed-convnet", x, ["relu_1"], objective, input_grad=True)
+            r = await c.analyze("seed-convnet", x, ["relu_1"], objective, input_grads=True)
             names = [m.name for m in await c.list_models()]
             return r, names, await c.health()
 

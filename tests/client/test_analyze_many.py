@@ -27,12 +27,12 @@ def images(count: int, batch: int = 1, seed: int = 0) -> list[np.ndarray]:
 def test_results_come_back_in_order_and_equal_single_calls(client: Client) -> None:
     items = images(6, batch=2)
     stream = client.analyze_many(
-        "seed-convnet", items, ["relu_1"], Objective.logit(3), input_grad=True, max_in_flight=2
+        "seed-convnet", items, ["relu_1"], Objective.logit(3), input_grads=True, max_in_flight=2
     )
     results = list(stream)
     assert [r.metadata["item"] for r in results] == list(range(6))
     for x, r in zip(items, results):
-        single = client.analyze("seed-convnet", x, ["relu_1"], Objective.logit(3), input_grad=True)
+        single = client.analyze("seed-convnet", x, ["relu_1"], Objective.logit(3), input_grads=True)
         np.testing.assert_allclose(r.gradients["relu_1"], single.gradients["relu_1"], rtol=RTOL)
         np.testing.assert_allclose(r.input_grads[0], single.input_grads[0], rtol=RTOL)
         np.testing.assert_allclose(r.outputs[0], single.outputs[0], rtol=RTOL)
@@ -187,12 +187,19 @@ def test_a_bad_item_fails_the_stream_after_the_good_ones_before_it(client: Clien
 
 
 def test_every_item_must_name_the_same_model(address: str) -> None:
-    from gradtap.client._many import many_requests
+    from gradtap.client._request import many_requests
 
     from gradtap.v1 import gradtap_pb2 as pb
     from gradtap.v1 import gradtap_pb2_grpc as pb_grpc
 
-    flags = {"input_grad": False, "activations": False, "outputs": False, "digest": None}
+    flags = {
+        "input_grads": False,
+        "activations": False,
+        "outputs": False,
+        "param_grads": (),
+        "digest": None,
+        "precision": "full",
+    }
     requests = list(
         many_requests(
             "seed-mlp", [np.zeros((1, 784), np.float32)], [], None, pb.AnalyzeManyOptions(), **flags

@@ -95,7 +95,7 @@ def test_result_plot_draws_the_input_gradient_over_the_input(
         x,
         ["relu_1", Target("conv2", "mean", dims=(0, 2, 3))],
         Objective.logit(3),
-        input_grad=True,
+        input_grads=True,
     )
     first = r.plot(tmp_path / "row0.png", image=x)
     second = r.plot(tmp_path / "row1.png", image=x, row=1)
