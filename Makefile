@@ -29,8 +29,8 @@ test: install
 	$(BIN)/python -m pytest
 
 lint: install
-	$(BIN)/ruff check server client gradtap/cli.py tests scripts
-	$(BIN)/mypy server client gradtap/cli.py
+	$(BIN)/ruff check server client gradtap tests scripts
+	$(BIN)/mypy server client gradtap/cli
 
 proto: install
 	$(BIN)/python scripts/gen_proto.py

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -436,7 +433,7 @@ def test_the_rewritten_graph_computes_the_model(client: Client) -> None:
         close(ModelForward(graph, state, [0])(x).detach().numpy(), expected)
 
 
-# -- aio and CLI ------------------------------------------------------------------------------
+# -- aio ---------------------------------------------------------------------------------------
 
 
 def test_aio_attribute_matches_sync(client: Client, address: str) -> None:
@@ -455,61 +452,6 @@ def test_aio_attribute_matches_sync(client: Client, address: str) -> None:
         asyncio.run(run()),
         client.attribute("seed-convnet", x, "layer_grad_cam", index=2, node="conv2").attribution,
     )
-
-
-def _gradtap(*args: str) -> subprocess.CompletedProcess[str]:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("GRADTAP_")}
-    return subprocess.run(
-        [sys.executable, "-m", "gradtap.cli", *args],
-        env=environ,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
-def test_cli_attribute_saves_what_the_client_returns(
-    client: Client, address: str, tmp_path: Path
-) -> None:
-    x = images(batch=1).numpy()
-    np.save(tmp_path / "x.npy", x)
-    out = tmp_path / "ig.npy"
-    result = _gradtap(
-        "attribute",
-        "seed-convnet",
-        "integrated_gradients",
-        "--input",
-        str(tmp_path / "x.npy"),
-        "--target",
-        "3",
-        "-p",
-        "n_steps=8",
-        "-p",
-        "method=riemann_left",
-        "--out",
-        str(out),
-        "--address",
-        address,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "attribution" in result.stdout
-    expected = client.attribute(
-        "seed-convnet",
-        x,
-        "integrated_gradients",
-        index=3,
-        n_steps=8,
-        integration_method="riemann_left",
-    ).attribution
-    np.testing.assert_array_equal(np.load(out), expected)
-
-
-def test_cli_attribute_reports_the_field_of_a_bad_parameter(address: str) -> None:
-    result = _gradtap(
-        "attribute", "seed-convnet", "saliency", "-t", "1", "-p", "n_steps=3", "-a", address
-    )
-    assert result.returncode == 1
-    assert "field: params.n_steps" in result.stderr
 
 
 def runnable_example(page: str) -> str:

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -274,47 +270,3 @@ def test_the_asyncio_client_raises_a_bad_items_error(address: str) -> None:
     with pytest.raises(GradtapError) as info:
         asyncio.run(run())
     assert info.value.field == "items[1].inputs[0].shape"
-
-
-def test_cli_analyzes_a_directory_with_progress_and_one_file_per_item(
-    address: str, client: Client, tmp_path: Path
-) -> None:
-    inputs, out = tmp_path / "in", tmp_path / "out"
-    inputs.mkdir()
-    items = images(5, seed=9)
-    for k, x in enumerate(items):
-        np.save(inputs / f"item{k:02d}.npy", x)
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("GRADTAP_")}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "gradtap.cli",
-            "analyze",
-            "seed-convnet",
-            "--inputs-dir",
-            str(inputs),
-            "--out-dir",
-            str(out),
-            "--target",
-            "relu_1",
-            "--objective",
-            "logit:3",
-            "--address",
-            address,
-        ],
-        env=environ,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "5/5" in result.stderr  # the progress bar
-    assert sorted(p.name for p in out.iterdir()) == [f"item{k:02d}.npz" for k in range(5)]
-    for k, x in enumerate(items):
-        single = client.analyze("seed-convnet", x, ["relu_1"], Objective.logit(3))
-        with np.load(out / f"item{k:02d}.npz") as saved:
-            np.testing.assert_allclose(
-                saved["gradient/relu_1"], single.gradients["relu_1"], rtol=RTOL
-            )
-            assert float(saved["loss"]) == pytest.approx(single.loss, rel=RTOL)
