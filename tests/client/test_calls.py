@@ -4,6 +4,7 @@ required arguments."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 from typing import Any
 
 import numpy as np
@@ -81,3 +82,66 @@ def test_perturb_without_an_objective_fails_before_anything_is_sent() -> None:
                 await c.perturb("seed-convnet", image(), "fgsm", None, epsilon=0.1)  # type: ignore[arg-type]
 
     asyncio.run(run())
+
+
+CALLS = ["list_models", "describe", "health", "analyze", "analyze_many", "attribute", "perturb"]
+LEADING = {
+    "describe": ["model"],
+    "health": ["service"],
+    "analyze": ["model", "inputs", "targets", "objective"],
+    "analyze_many": ["model", "items", "targets", "objective"],
+    "attribute": ["model", "inputs", "method"],
+    "perturb": ["model", "inputs", "method", "objective"],
+}
+
+
+@pytest.mark.parametrize("name", CALLS)
+def test_both_faces_take_one_calling_convention(name: str) -> None:
+    sync, asyncio_ = getattr(Client, name), getattr(aio.Client, name)
+    signature = inspect.signature(sync)
+    assert signature.parameters == inspect.signature(asyncio_).parameters
+    assert sync.__doc__ and sync.__doc__ == asyncio_.__doc__
+    assert inspect.iscoroutinefunction(asyncio_) == (name != "analyze_many")
+    (self, *parameters) = signature.parameters.values()
+    assert self.kind is inspect.Parameter.POSITIONAL_ONLY  # self, and nothing else
+    leading = [p.name for p in parameters if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+    assert leading == LEADING.get(name, [])
+    others = [p for p in parameters if p.name not in leading]
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in others)
+    assert "timeout" in signature.parameters
+
+
+def test_every_call_takes_its_arguments_by_name(client: Client) -> None:
+    x = image(3)
+    by_name = client.attribute(model="seed-convnet", inputs=x, method="saliency", index=1)
+    by_position = client.attribute("seed-convnet", x, "saliency", index=1)
+    np.testing.assert_array_equal(by_name.attribution, by_position.attribution)
+    analyzed = client.analyze(
+        model="seed-convnet", inputs=x, targets="relu_1", objective=Objective.logit(1)
+    )
+    assert analyzed.gradients["relu_1"].shape == (1, 64, 24, 24)
+
+
+def test_attribute_returns_its_summary_in_the_metadata(client: Client) -> None:
+    r = client.attribute(
+        "seed-convnet", image(4), "integrated_gradients", index=2, n_steps=4, timeout=60
+    )
+    assert r.attribution.shape == (1, 3, 28, 28)
+    meta = r.metadata
+    assert meta["model"] == "seed-convnet" and meta["method"] == "integrated_gradients"
+    assert meta["node"] is None
+    assert meta["model_digest"] == client.describe("seed-convnet").digest
+    assert meta["device"] == "cpu" and meta["torch_version"] and meta["captum_version"]
+    assert meta["replica"] and meta["seed"] == 0 and meta["internal_batch_size"] >= 1
+    assert set(meta["timings"]) == {"compute_ms", "total_ms"}
+    assert 0 < meta["timings"]["compute_ms"] <= meta["timings"]["total_ms"]
+
+
+def test_perturb_metadata_keeps_timings_as_every_result_does(client: Client) -> None:
+    x = np.random.default_rng(5).standard_normal((1, 784)).astype(np.float32)
+    r = client.perturb("seed-mlp", x, "fgsm", Objective.logit(1), epsilon=0.01)
+    assert set(r.metadata) == {
+        "model", "method", "model_digest", "device", "torch_version", "replica", "seed",
+        "timings",
+    }  # fmt: skip
+    assert set(r.metadata["timings"]) == {"total_ms"}
