@@ -15,10 +15,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[server,plot,otel,dev]"
 	touch $@
 
-# buf (contract lint) and the Node.js gRPC client used by the cross-language test.
-tools/node_modules/.installed: tools/package.json
+# buf (contract lint) and the Node.js gRPC client used by the cross-language test. `npm ci`
+# installs exactly what the lock file says and never rewrites it, so a fresh clone stays clean.
+tools/node_modules/.installed: tools/package.json tools/package-lock.json
 	@if command -v npm >/dev/null 2>&1; then \
-		cd tools && npm install --no-audit --no-fund --loglevel=error && touch node_modules/.installed; \
+		cd tools && npm ci --no-audit --no-fund --loglevel=error && touch node_modules/.installed; \
 	else echo "npm not found: the buf lint and Node.js client tests will be skipped"; fi
 
 serve: install
@@ -28,8 +29,8 @@ test: install
 	$(BIN)/python -m pytest
 
 lint: install
-	$(BIN)/ruff check server client gradtap/cli.py tests scripts
-	$(BIN)/mypy server client gradtap/cli.py
+	$(BIN)/ruff check server client gradtap tests scripts
+	$(BIN)/mypy server client gradtap/cli
 
 proto: install
 	$(BIN)/python scripts/gen_proto.py

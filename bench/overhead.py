@@ -57,7 +57,7 @@ def run(cfg: Config, address: str, module: ResNet18, model_name: str = "resnet18
                 x,
                 list(RESNET_TARGETS),
                 Objective.sum(),
-                input_grad=True,
+                input_grads=True,
                 outputs=False,
             )
 

@@ -74,7 +74,7 @@ def _seed_model(cfg: Config, section: Section, address: str, convnet: torch.nn.M
                 x,
                 ["relu_1"],
                 Objective.cross_entropy(labels.tolist()),
-                input_grad=True,
+                input_grads=True,
                 outputs=False,
             )
 
@@ -109,8 +109,8 @@ def _attribute(
     method = getattr(client, "attribute", None)
     if method is None:
         return None, "Client.attribute does not exist in this version"
-    # attribute(model, inputs, method, /, target=None, ...), as in client/_client.py
-    return (lambda: method("seed-convnet", x, "saliency", target=labels.tolist())), ""
+    # attribute(model, inputs, method, *, index=None, ...), as in client/_calls.py
+    return (lambda: method("seed-convnet", x, "saliency", index=labels.tolist()).attribution), ""
 
 
 def _captum(cfg: Config, section: Section, address: str, convnet: torch.nn.Module) -> None:
@@ -139,7 +139,7 @@ def _captum(cfg: Config, section: Section, address: str, convnet: torch.nn.Modul
                 "seed-convnet",
                 x,
                 objective=Objective.logit(labels.tolist()),
-                input_grad=True,
+                input_grads=True,
                 outputs=False,
             )
             saliency_map: np.ndarray = np.abs(r.input_grads[0])

@@ -2,22 +2,34 @@
 
 from gradtap.client import Client, Objective
 with Client("127.0.0.1:50051") as c:
-    r = c.analyze("seed-convnet", x, targets=["relu_1"], objective=Objective.cross_entropy([3]))
+    r = c.analyze("seed-convnet", x, ["relu_1"], Objective.cross_entropy([3]))
     r.gradients["relu_1"]
+
+gradtap.client.aio.Client has the same methods, awaitable. docs/concepts.md holds the words.
 """
 
-from ._client import Client
+from ._client import Client, ResultStream
 from ._errors import ErrorDetails, FieldViolation, GradtapError
-from ._many import Aggregate, ResultStream
 from ._objective import Objective
-from ._perturb import PerturbResult
 from ._plot import plot as plot_attribution
-from ._result import ModelDescription, ModelInfo, Node, Result, TensorSpec
+from ._result import (
+    Aggregate,
+    AttributionResult,
+    ModelDescription,
+    ModelInfo,
+    Node,
+    PerturbResult,
+    Result,
+    TensorSpec,
+)
 from ._shm import SharedRegion
 from ._target import Reduction, Target
+from .aio import AsyncResultStream
 
 __all__ = [
     "Aggregate",
+    "AsyncResultStream",
+    "AttributionResult",
     "Client",
     "ErrorDetails",
     "FieldViolation",

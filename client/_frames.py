@@ -1,9 +1,10 @@
-"""Reassembling tensors framed as header, chunks and summary (Attribute and Perturb streams)."""
+"""Reassembling tensors framed as header, chunks and summary, the framing of every stream."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Protocol
 
 import grpc
@@ -25,6 +26,56 @@ class Chunk(Protocol):
     def offset(self) -> int: ...
     @property
     def data(self) -> bytes | memoryview: ...
+
+
+@dataclass(frozen=True)
+class RawChunk:
+    """A TensorChunk decoded without protobuf: its data is a view into the received bytes."""
+
+    tensor_id: int
+    offset: int
+    data: memoryview
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(data) or shift > 63:
+            raise ValueError("truncated varint")
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+
+
+def single_chunk(data: bytes, chunks_tag: int) -> RawChunk | None:
+    """The one TensorChunk of a message that holds nothing else, or None: a response
+    deserializer returns it so that 1 MiB chunk messages skip protobuf's copy of their data."""
+    try:
+        if not data or data[0] != chunks_tag:
+            return None
+        size, pos = _varint(data, 1)
+        if pos + size != len(data):
+            return None
+        tensor_id = offset = 0
+        while pos < len(data):
+            tag, pos = _varint(data, pos)
+            if tag == 0x08:
+                tensor_id, pos = _varint(data, pos)
+            elif tag == 0x10:
+                offset, pos = _varint(data, pos)
+            elif tag == 0x1A:
+                length, pos = _varint(data, pos)
+                if pos + length != len(data):
+                    return None
+                return RawChunk(tensor_id, offset, memoryview(data)[pos:])
+            else:
+                return None
+    except ValueError:
+        return None
+    return None
 
 
 def broken(message: str) -> GradtapError:

@@ -9,6 +9,7 @@ import numpy as np
 
 from gradtap.v1 import gradtap_pb2 as pb
 
+from . import _legacy as legacy
 from ._tensor import encode
 
 _REDUCTIONS: dict[str, pb.LossReduction.ValueType] = {
@@ -32,8 +33,9 @@ def _reduction(reduction: str) -> pb.LossReduction.ValueType:
 class Objective:
     """The scalar to differentiate, taken at a model output or at an intermediate node.
 
-    Build one with the class methods; `output` picks among a model's outputs (tuple models),
-    `node` takes the objective at a graph node or module path instead.
+    Build one with the class methods. Every constructor takes what it compares with first,
+    then the site: `output` picks among a model's outputs (tuple models), `node` takes the
+    objective at a graph node or module path instead.
     """
 
     def __init__(self, message: pb.Objective) -> None:
@@ -73,13 +75,15 @@ class Objective:
         return cls(pb.Objective(cross_entropy=message))
 
     @classmethod
+    @legacy.accepts(legacy.mse_arguments)
     def mse(
-        cls, target: Any, node: str | None = None, output: int = 0, reduction: str = "mean"
+        cls, expected: Any, output: int = 0, node: str | None = None, reduction: str = "mean"
     ) -> Objective:
-        """F.mse_loss(site, target); with `node`, at an intermediate activation."""
+        """F.mse_loss(site, expected): `expected` has the site's shape; with `node`, the site
+        is that node's activation."""
         message = pb.MseObjective(
             site=_site(output, node),
-            expected=encode(np.asarray(target)),
+            expected=encode(np.asarray(expected)),
             reduction=_reduction(reduction),
         )
         return cls(pb.Objective(mse=message))

@@ -23,8 +23,6 @@ import numpy as np
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from ._result import Result
-
 KINDS = ("overlay", "bars", "channels")
 DPI = 100
 _DEFAULT_SIZES = {"bars": (800, 400), "channels": (800, 800)}
@@ -190,37 +188,22 @@ def _channels(figure: Figure, maps: np.ndarray, title: str | None) -> None:
         figure.suptitle(title)
 
 
-def plot_result(
-    result: Result,
+def plot_row(
     path: str | os.PathLike[str],
-    name: str | int | None = None,
+    array: np.ndarray,
     *,
+    batched: bool,
+    node: bool,
     image: Any = None,
     row: int = 0,
     kind: str | None = None,
     size: tuple[int, int] | None = None,
     title: str | None = None,
 ) -> Path:
-    """Result.plot: picks the array, its batch row and the kind, then calls plot()."""
-    if name is None:
-        if 0 in result.input_grads:
-            name = 0
-        elif result.gradients:
-            name = next(iter(result.gradients))
-        else:
-            raise ValueError("the result holds no input gradient and no target gradient to plot")
-    if isinstance(name, int):
-        if name not in result.input_grads:
-            raise ValueError(f"the result holds no gradient of input {name} (ask for input_grad)")
-        array, layer = result.input_grads[name], False
-    else:
-        if name not in result.gradients:
-            known = ", ".join(result.gradients) or "none"
-            raise ValueError(f"the result holds no gradient at {name!r} (targets: {known})")
-        array, layer = result.gradients[name], True
-    reduction = result.reductions.get(name) if isinstance(name, str) else None
-    batched = array.ndim > 0 and not (reduction is not None and 0 in reduction.dims)
-    if batched:
+    """The picture rules of Result.plot and AttributionResult.plot: one batch row of a
+    returned array (the whole array when it has no batch dimension), over the same row of
+    `image`; a node's array with three dimensions per row is drawn as its channels."""
+    if batched and array.ndim > 0:
         if not -array.shape[0] <= row < array.shape[0]:
             raise ValueError(f"row {row} is outside the batch of {array.shape[0]}")
         array = array[row]
@@ -229,5 +212,5 @@ def plot_result(
         if image.ndim == array.ndim + 1:
             image = image[row]
     if kind is None:
-        kind = "channels" if layer and array.ndim == 3 else default_kind(np.asarray(array))
+        kind = "channels" if node and array.ndim == 3 else default_kind(np.asarray(array))
     return plot(path, array, image=image, kind=kind, size=size, title=title)

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
-from typing import Any, TypeVar
-
-import grpc
+from typing import Any
 
 DEFAULT_RETRIES = 3
 """Retries after the first attempt: 4 attempts in all."""
@@ -48,41 +45,3 @@ def method_config(retries: int) -> list[dict[str, Any]]:
         "retryableStatusCodes": list(RETRYABLE_CODES),
     }
     return [{"name": [{"service": SERVICE}], "retryPolicy": policy}]
-
-
-T = TypeVar("T")
-
-
-class Resend:
-    """Sends an Analyze again, once, when its stream broke off with UNAVAILABLE after some
-    responses had arrived: a replica died mid-stream, or between its last message and its
-    status. gRPC's retry policy cannot retry a call once a response has arrived; Analyze has
-    no side effects, so sending it again from the start is safe. The partial result of the
-    broken attempt is dropped, never returned.
-    """
-
-    def __init__(self, retries: int) -> None:
-        self.left = 1 if retries > 0 else 0
-        self.received = 0
-
-    def watch(self, responses: Iterable[T]) -> Iterator[T]:
-        """The responses of one attempt, counted."""
-        self.received = 0
-        for response in responses:
-            self.received += 1
-            yield response
-
-    async def watch_async(self, responses: AsyncIterable[T]) -> AsyncIterator[T]:
-        """The responses of one attempt of an asyncio call, counted."""
-        self.received = 0
-        async for response in responses:
-            self.received += 1
-            yield response
-
-    def again(self, error: grpc.RpcError) -> bool:
-        """Whether to send the call again after `error` ended the attempt."""
-        code = error.code() if callable(getattr(error, "code", None)) else None
-        if self.left and self.received and code == grpc.StatusCode.UNAVAILABLE:
-            self.left -= 1
-            return True
-        return False

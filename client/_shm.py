@@ -14,12 +14,12 @@ import mmap
 import os
 import secrets
 from pathlib import Path
-from types import TracebackType
 
 import numpy as np
 
 from gradtap.v1 import gradtap_pb2 as pb
 
+from ._closing import Closing
 from ._errors import GradtapError
 from ._tensor import NUMPY_DTYPES
 
@@ -28,7 +28,7 @@ DATA_START = 64
 """The server writes tensor bytes from this offset on; the token sits before it."""
 
 
-class SharedRegion:
+class SharedRegion(Closing):
     """A region of this host's shared memory that a gradtap server can write results into.
 
     Pass it as analyze(..., shared_memory=region) to a server started with
@@ -66,17 +66,6 @@ class SharedRegion:
             raise
         finally:
             os.close(fd)
-
-    def __enter__(self) -> SharedRegion:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __del__(self) -> None:
         self.close()

@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from gradtap.v1 import gradtap_pb2 as pb
-
-from ._tensor import DTYPE_NAMES
-
-if TYPE_CHECKING:
-    from ._result import Result
 
 REDUCES: dict[str, pb.Reduce.ValueType] = {
     "sum": pb.REDUCE_SUM,
@@ -38,7 +32,7 @@ CAPTURES: dict[str, pb.Capture.ValueType] = {
 }
 """What a Target may capture, by name."""
 
-_REDUCE_NAMES = {code: name for name, code in REDUCES.items()}
+REDUCE_NAMES = {code: name for name, code in REDUCES.items()}
 
 
 @dataclass(frozen=True)
@@ -113,6 +107,30 @@ class Target:
 TargetLike = str | Target
 """A target name, or a Target with a reduction."""
 
+Targets = TargetLike | Sequence[TargetLike] | None
+"""What a call's `targets` takes: one target, a sequence of them, or None for none."""
+
+
+def as_targets(targets: object) -> tuple[TargetLike, ...]:
+    """`targets` as a tuple: one name or Target, or a sequence of them; TypeError for anything
+    else, raised before a call sends anything."""
+    if targets is None:
+        return ()
+    if isinstance(targets, (str, Target)):
+        return (targets,)
+    if not isinstance(targets, Iterable) or isinstance(targets, (bytes, bytearray, Mapping)):
+        raise TypeError(
+            "targets must be a node name, a Target, or a sequence of them, "
+            f"not {type(targets).__name__}"
+        )
+    found = tuple(targets)
+    for i, target in enumerate(found):
+        if not isinstance(target, (str, Target)):
+            raise TypeError(
+                f"targets[{i}] must be a node name or a Target, not {type(target).__name__}"
+            )
+    return found
+
 
 @dataclass(frozen=True)
 class Reduction:
@@ -140,26 +158,3 @@ def target_message(target: TargetLike, capture: pb.Capture.ValueType) -> pb.Targ
     if isinstance(target, Target):
         return target.message(capture)
     return pb.TargetLayer(name=str(target), capture=capture)
-
-
-def reduction(header: pb.TensorHeader) -> Reduction:
-    """The Reduction a tensor header records."""
-    r = header.reduction
-    return Reduction(
-        reduce=_REDUCE_NAMES.get(r.reduce),
-        dims=tuple(r.dims),
-        topk=r.topk or None,
-        dtype=DTYPE_NAMES.get(header.dtype, "unknown"),
-        reduced_shape=tuple(header.reduced_shape),
-    )
-
-
-def as_float32(result: Result, targets: Sequence[TargetLike]) -> Result:
-    """Converts, in place, the arrays of targets that asked for float32 on arrival."""
-    for t in targets:
-        if isinstance(t, Target) and t.as_float32:
-            kinds = {"gradient": [result.gradients], "activation": [result.activations]}
-            for arrays in kinds.get(t.capture or "", [result.gradients, result.activations]):
-                if t.name in arrays:
-                    arrays[t.name] = arrays[t.name].astype(np.float32)
-    return result

@@ -1,4 +1,5 @@
-"""Static checks that run with the suite: mypy (strict) over server/ and client/, and ruff."""
+"""Static checks that run with the suite: mypy (strict) over server/, client/ and gradtap/cli/,
+and ruff."""
 
 from __future__ import annotations
 
@@ -11,9 +12,7 @@ BIN = Path(sys.executable).parent
 
 
 def test_server_and_client_type_check_under_strict_mypy() -> None:
-    targets = ["server", "client"] + (
-        ["gradtap/cli.py"] if (ROOT / "gradtap" / "cli.py").exists() else []
-    )
+    targets = ["server", "client", "gradtap/cli"]
     result = subprocess.run([str(BIN / "mypy"), *targets], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 

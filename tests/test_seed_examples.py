@@ -32,7 +32,7 @@ def test_seed_encoder_modified_z_gradient_matches_retain_grad(client: Client) ->
         image.detach().numpy(),
         targets=["mul", "encoder"],
         objective=Objective.sum(),
-        input_grad=True,
+        input_grads=True,
         activations=True,
     )
     assert modified_z.grad is not None and latent_z.grad is not None and image.grad is not None
@@ -60,7 +60,7 @@ def test_seed_convnet_intermediate_gradient_matches_retain_grad(client: Client) 
         image.detach().numpy(),
         targets=["relu_1", "conv2"],
         objective=Objective.cross_entropy(label.numpy()),
-        input_grad=True,
+        input_grads=True,
         activations=True,
     )
     assert intermediate_features.grad is not None and image.grad is not None
@@ -96,7 +96,7 @@ def test_seed_mlp_adversarial_perturbation_matches_retain_grad(client: Client) -
         input_image.detach().numpy(),
         targets=["relu_1"],
         objective=Objective.mse(target_activation.numpy(), node="relu_1"),
-        input_grad=True,
+        input_grads=True,
     )
     close(r.gradients["relu_1"], intermediate_layer.grad)
     close(r.input_grads[0], input_image.grad)
@@ -124,7 +124,7 @@ def test_batched_inputs_give_per_row_gradients(client: Client) -> None:
         image.detach().numpy(),
         targets=["relu_1"],
         objective=Objective.cross_entropy(labels.numpy(), reduction="sum"),
-        input_grad=True,
+        input_grads=True,
     )
     assert intermediate.grad is not None and image.grad is not None
     close(r.gradients["relu_1"], intermediate.grad)

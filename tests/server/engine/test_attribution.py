@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -110,14 +107,16 @@ def images(batch: int = 2, seed: int = 0) -> torch.Tensor:
 @pytest.mark.parametrize("use_abs", [True, False])
 def test_saliency_matches_captum(client: Client, use_abs: bool) -> None:
     x, f = images(), twin(ConvNetReLU, "seed-convnet")
-    remote = client.attribute("seed-convnet", x.numpy(), "saliency", [1, 7], abs=use_abs)
+    remote = client.attribute(
+        "seed-convnet", x.numpy(), "saliency", index=[1, 7], abs=use_abs
+    ).attribution
     close(remote, Saliency(f).attribute(x, target=[1, 7], abs=use_abs))
 
 
 def test_input_x_gradient_matches_captum(client: Client) -> None:
     x = torch.randn(2, 784, generator=torch.Generator().manual_seed(1))
     f = twin(MLPReLU, "seed-mlp")
-    remote = client.attribute("seed-mlp", x.numpy(), "input_x_gradient", 4)
+    remote = client.attribute("seed-mlp", x.numpy(), "input_x_gradient", index=4).attribution
     close(remote, InputXGradient(f).attribute(x, target=4))
 
 
@@ -128,11 +127,11 @@ def test_integrated_gradients_matches_captum_with_baselines_and_rule(client: Cli
         "seed-convnet",
         x.numpy(),
         "integrated_gradients",
-        [2, 5],
+        index=[2, 5],
         n_steps=12,
-        method="riemann_trapezoid",
+        integration_method="riemann_trapezoid",
         baselines=baselines.numpy(),
-    )
+    ).attribution
     local = IntegratedGradients(f).attribute(
         x, baselines=baselines, target=[2, 5], n_steps=12, method="riemann_trapezoid"
     )
@@ -144,8 +143,13 @@ def test_integrated_gradients_batched_steps_give_captums_unbatched_numbers(
 ) -> None:
     x, f = images(), twin(ConvNetReLU, "seed-convnet")
     remote = client.attribute(
-        "seed-convnet", x.numpy(), "integrated_gradients", 3, n_steps=10, internal_batch_size=6
-    )
+        "seed-convnet",
+        x.numpy(),
+        "integrated_gradients",
+        index=3,
+        n_steps=10,
+        internal_batch_size=6,
+    ).attribution
     close(remote, IntegratedGradients(f).attribute(x, target=3, n_steps=10))
 
 
@@ -179,15 +183,17 @@ def test_guided_backprop_matches_captum_on_a_twin_with_relu_modules(client: Clie
     # The seed models call F.relu, which Captum's GuidedBackprop cannot see; the server
     # guides every ReLU of the graph, which is what Captum does for nn.ReLU modules.
     x, f = images(), twin(ConvNetReLU, "seed-convnet")
-    remote = client.attribute("seed-convnet", x.numpy(), "guided_backprop", [0, 9])
+    remote = client.attribute(
+        "seed-convnet", x.numpy(), "guided_backprop", index=[0, 9]
+    ).attribution
     close(remote, GuidedBackprop(f).attribute(x, target=[0, 9]))
-    plain = client.attribute("seed-convnet", x.numpy(), "saliency", [0, 9], abs=False)
-    assert not np.allclose(remote, plain, rtol=1e-2)
+    plain = client.attribute("seed-convnet", x.numpy(), "saliency", index=[0, 9], abs=False)
+    assert not np.allclose(remote, plain.attribution, rtol=1e-2)
 
 
 def test_guided_backprop_matches_captum_on_the_mlp(client: Client) -> None:
     x = torch.randn(2, 784, generator=torch.Generator().manual_seed(2))
-    remote = client.attribute("seed-mlp", x.numpy(), "guided_backprop", 6)
+    remote = client.attribute("seed-mlp", x.numpy(), "guided_backprop", index=6).attribution
     close(remote, GuidedBackprop(twin(MLPReLU, "seed-mlp")).attribute(x, target=6))
 
 
@@ -197,9 +203,9 @@ def test_guided_backprop_matches_captum_on_the_mlp(client: Client) -> None:
 def test_smoothgrad_is_reproducible_for_a_seed(client: Client) -> None:
     x = images(batch=1).numpy()
     args: dict[str, Any] = {"nt_samples": 4, "stdevs": 0.2}
-    a = client.attribute("seed-convnet", x, "smoothgrad", 3, seed=11, **args)
-    b = client.attribute("seed-convnet", x, "smoothgrad", 3, seed=11, **args)
-    c = client.attribute("seed-convnet", x, "smoothgrad", 3, seed=12, **args)
+    a = client.attribute("seed-convnet", x, "smoothgrad", index=3, seed=11, **args).attribution
+    b = client.attribute("seed-convnet", x, "smoothgrad", index=3, seed=11, **args).attribution
+    c = client.attribute("seed-convnet", x, "smoothgrad", index=3, seed=12, **args).attribution
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, c)
 
@@ -210,12 +216,12 @@ def test_smoothgrad_draws_the_noise_captum_draws_after_manual_seed(client: Clien
         "seed-convnet",
         x.numpy(),
         "smoothgrad",
-        [4, 1],
+        index=[4, 1],
         nt_samples=5,
         nt_samples_batch_size=2,
         stdevs=0.3,
         seed=7,
-    )
+    ).attribution
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(7)
         local = NoiseTunnel(Saliency(f)).attribute(
@@ -240,8 +246,8 @@ def test_smoothgrad_converges_to_saliency_averaged_over_noise(client: Client) ->
 
     def error(samples: int) -> float:
         sg = client.attribute(
-            "seed-mlp", x.numpy(), "smoothgrad", 2, nt_samples=samples, stdevs=stdev, seed=5
-        )
+            "seed-mlp", x.numpy(), "smoothgrad", index=2, nt_samples=samples, stdevs=stdev, seed=5
+        ).attribution
         return float(np.linalg.norm(sg - expected) / np.linalg.norm(expected))
 
     few, many = error(4), error(512)
@@ -256,8 +262,8 @@ def test_layer_gradient_x_activation_at_a_module_path_matches_captum(client: Cli
     x = images()
     f = twin(ConvNetReLU, "seed-convnet")
     remote = client.attribute(
-        "seed-convnet", x.numpy(), "layer_gradient_x_activation", [3, 8], layer="conv2"
-    )
+        "seed-convnet", x.numpy(), "layer_gradient_x_activation", index=[3, 8], node="conv2"
+    ).attribution
     module = f.module
     assert isinstance(module, ConvNetReLU)
     close(remote, LayerGradientXActivation(f, module.conv2).attribute(x, target=[3, 8]))
@@ -269,8 +275,8 @@ def test_layer_grad_cam_at_a_graph_node_matches_captum(client: Client) -> None:
     module = f.module
     assert isinstance(module, ConvNetReLU)
     remote = client.attribute(
-        "seed-convnet", x.numpy(), "layer_grad_cam", 5, layer="relu_1", relu_attributions=True
-    )
+        "seed-convnet", x.numpy(), "layer_grad_cam", index=5, node="relu_1", relu_attributions=True
+    ).attribution
     local = LayerGradCam(f, module.relu2).attribute(x, target=5, relu_attributions=True)
     assert remote.shape == (2, 1, 24, 24)
     close(remote, local)
@@ -283,8 +289,13 @@ def test_layer_integrated_gradients_at_a_node_without_a_module_matches_captum(
     x = images(seed=4)
     tapped = EncoderTap().eval()
     remote = client.attribute(
-        "seed-encoder", x.numpy(), "layer_integrated_gradients", [1, 6], layer="mul", n_steps=16
-    )
+        "seed-encoder",
+        x.numpy(),
+        "layer_integrated_gradients",
+        index=[1, 6],
+        node="mul",
+        n_steps=16,
+    ).attribution
     local = LayerIntegratedGradients(tapped, tapped.tap).attribute(x, target=[1, 6], n_steps=16)
     close(remote, local)
 
@@ -295,8 +306,8 @@ def test_layer_conductance_matches_captum(client: Client) -> None:
     module = f.module
     assert isinstance(module, ConvNetReLU)
     remote = client.attribute(
-        "seed-convnet", x.numpy(), "layer_conductance", 2, layer="conv1", n_steps=8
-    )
+        "seed-convnet", x.numpy(), "layer_conductance", index=2, node="conv1", n_steps=8
+    ).attribution
     close(remote, LayerConductance(f, module.conv1).attribute(x, target=2, n_steps=8))
 
 
@@ -306,8 +317,8 @@ def test_layer_integrated_gradients_on_a_resnet_block_matches_captum(
     module = served.modules["resblock"]
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(6))
     remote = client.attribute(
-        "resblock", x.numpy(), "layer_integrated_gradients", [0, 4], layer="bn1", n_steps=8
-    )
+        "resblock", x.numpy(), "layer_integrated_gradients", index=[0, 4], node="bn1", n_steps=8
+    ).attribution
     assert isinstance(module, models.ResBlock)
     local = LayerIntegratedGradients(module, module.bn1).attribute(x, target=[0, 4], n_steps=8)
     close(remote, local)
@@ -320,18 +331,20 @@ def test_token_model_layer_methods_hold_ids_and_masks_as_captum_does(
     assert isinstance(module, models.TokenClassifier)
     ids, mask = models.token_inputs()
     inputs = [ids.numpy(), mask.numpy()]
-    remote = client.attribute("tokens", inputs, "layer_gradient_x_activation", 1, layer="embed")
+    remote = client.attribute(
+        "tokens", inputs, "layer_gradient_x_activation", index=1, node="embed"
+    ).attribution
     close(remote, LayerGradientXActivation(module, module.embed).attribute((ids, mask), target=1))
     pad = torch.zeros_like(ids)
     remote = client.attribute(
         "tokens",
         inputs,
         "layer_integrated_gradients",
-        [0, 1, 3],
-        layer="embed",
+        index=[0, 1, 3],
+        node="embed",
         baselines=pad.numpy(),
         n_steps=8,
-    )
+    ).attribution
     local = LayerIntegratedGradients(module, module.embed).attribute(
         ids, baselines=pad, additional_forward_args=(mask,), target=[0, 1, 3], n_steps=8
     )
@@ -350,12 +363,12 @@ def test_token_model_layer_methods_hold_ids_and_masks_as_captum_does(
         ("integrated_gradients", {"nt_samples": 3}, "params.nt_samples", "BAD_PARAMETER"),
         ("smoothgrad", {"nt_samples": 5000}, "params.nt_samples", "OUT_OF_RANGE"),
         ("smoothgrad", {"stdevs": -1.0}, "params.stdevs", "OUT_OF_RANGE"),
-        ("saliency", {"layer": "conv2"}, "node", "BAD_PARAMETER"),
+        ("saliency", {"node": "conv2"}, "node", "BAD_PARAMETER"),
         ("layer_grad_cam", {}, "node", "LAYER_REQUIRED"),
-        ("layer_grad_cam", {"layer": "nope"}, "node", "UNKNOWN_TARGET"),
-        ("saliency", {"target": 10}, "index", "OUT_OF_RANGE"),
-        ("saliency", {"target": [1, 2, 3]}, "index", "BAD_TARGET"),
-        ("saliency", {"target": None}, "index", "TARGET_REQUIRED"),
+        ("layer_grad_cam", {"node": "nope"}, "node", "UNKNOWN_TARGET"),
+        ("saliency", {"index": 10}, "index", "OUT_OF_RANGE"),
+        ("saliency", {"index": [1, 2, 3]}, "index", "BAD_TARGET"),
+        ("saliency", {"index": None}, "index", "TARGET_REQUIRED"),
         ("saliency", {"output": 5}, "output", "UNKNOWN_OUTPUT"),
         (
             "integrated_gradients",
@@ -368,11 +381,9 @@ def test_token_model_layer_methods_hold_ids_and_masks_as_captum_does(
 def test_bad_requests_are_invalid_argument_naming_the_field(
     client: Client, method: str, kwargs: dict[str, Any], field: str, reason: str | None
 ) -> None:
-    kwargs = dict(kwargs)
-    target = kwargs.pop("target", 1)
-    layer = kwargs.pop("layer", None)
+    kwargs = {"index": 1, **kwargs}
     with pytest.raises(GradtapError) as info:
-        client.attribute("seed-convnet", images().numpy(), method, target, layer, **kwargs)
+        client.attribute("seed-convnet", images().numpy(), method, **kwargs)
     assert info.value.code.name == "INVALID_ARGUMENT"
     assert info.value.field == field
     if reason is not None:
@@ -382,16 +393,18 @@ def test_bad_requests_are_invalid_argument_naming_the_field(
 def test_input_methods_on_a_token_model_name_the_inputs(client: Client) -> None:
     ids, mask = models.token_inputs()
     with pytest.raises(GradtapError) as info:
-        client.attribute("tokens", [ids.numpy(), mask.numpy()], "saliency", 1)
+        client.attribute("tokens", [ids.numpy(), mask.numpy()], "saliency", index=1)
     assert info.value.field == "inputs" and info.value.reason == "NEEDS_ONE_FLOAT_INPUT"
 
 
 def test_unknown_names_fail_in_the_client() -> None:
     with Client("127.0.0.1:1") as c:
         with pytest.raises(ValueError, match="unknown method"):
-            c.attribute("seed-convnet", images().numpy(), "deeplift", 1)
+            c.attribute("seed-convnet", images().numpy(), "deeplift", index=1)
         with pytest.raises(TypeError, match="n_stepz"):
-            c.attribute("seed-convnet", images().numpy(), "integrated_gradients", 1, n_stepz=3)
+            c.attribute(
+                "seed-convnet", images().numpy(), "integrated_gradients", index=1, n_stepz=3
+            )  # type: ignore[call-arg]
 
 
 def test_a_cancelled_attribution_stops_and_leaves_no_hook_behind() -> None:
@@ -422,7 +435,7 @@ def test_the_rewritten_graph_computes_the_model(client: Client) -> None:
         close(ModelForward(graph, state, [0])(x).detach().numpy(), expected)
 
 
-# -- aio and CLI ------------------------------------------------------------------------------
+# -- aio ---------------------------------------------------------------------------------------
 
 
 def test_aio_attribute_matches_sync(client: Client, address: str) -> None:
@@ -434,61 +447,13 @@ def test_aio_attribute_matches_sync(client: Client, address: str) -> None:
 
     async def run() -> np.ndarray:
         async with aio.Client(address, timeout=60) as c:
-            return await c.attribute("seed-convnet", x, "layer_grad_cam", 2, layer="conv2")
+            r = await c.attribute("seed-convnet", x, "layer_grad_cam", index=2, node="conv2")
+            return r.attribution
 
     np.testing.assert_array_equal(
-        asyncio.run(run()), client.attribute("seed-convnet", x, "layer_grad_cam", 2, layer="conv2")
+        asyncio.run(run()),
+        client.attribute("seed-convnet", x, "layer_grad_cam", index=2, node="conv2").attribution,
     )
-
-
-def _gradtap(*args: str) -> subprocess.CompletedProcess[str]:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("GRADTAP_")}
-    return subprocess.run(
-        [sys.executable, "-m", "gradtap.cli", *args],
-        env=environ,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
-def test_cli_attribute_saves_what_the_client_returns(
-    client: Client, address: str, tmp_path: Path
-) -> None:
-    x = images(batch=1).numpy()
-    np.save(tmp_path / "x.npy", x)
-    out = tmp_path / "ig.npy"
-    result = _gradtap(
-        "attribute",
-        "seed-convnet",
-        "integrated_gradients",
-        "--input",
-        str(tmp_path / "x.npy"),
-        "--target",
-        "3",
-        "-p",
-        "n_steps=8",
-        "-p",
-        "method=riemann_left",
-        "--out",
-        str(out),
-        "--address",
-        address,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "attribution" in result.stdout
-    expected = client.attribute(
-        "seed-convnet", x, "integrated_gradients", 3, n_steps=8, method="riemann_left"
-    )
-    np.testing.assert_array_equal(np.load(out), expected)
-
-
-def test_cli_attribute_reports_the_field_of_a_bad_parameter(address: str) -> None:
-    result = _gradtap(
-        "attribute", "seed-convnet", "saliency", "-t", "1", "-p", "n_steps=3", "-a", address
-    )
-    assert result.returncode == 1
-    assert "field: params.n_steps" in result.stderr
 
 
 def runnable_example(page: str) -> str:

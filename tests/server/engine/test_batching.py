@@ -115,13 +115,13 @@ def test_merged_requests_equal_their_unbatched_results(
     work = requests(8, shape, 10 if model == "convnet" else 5)
     with Client(batching, timeout=60) as b, Client(alone, timeout=60) as a:
         calls = [
-            (lambda x=x, o=o: b.analyze(model, x, targets, o, input_grad=True, activations=True))
+            (lambda x=x, o=o: b.analyze(model, x, targets, o, input_grads=True, activations=True))
             for x, o in work
         ]
         merged = concurrently(calls)
         for (x, o), r in zip(work, merged):
             assert isinstance(r, Result), r
-            expected = a.analyze(model, x, targets, o, input_grad=True, activations=True)
+            expected = a.analyze(model, x, targets, o, input_grads=True, activations=True)
             assert expected.metadata["batch_size"] == 1
             for name in targets:
                 np.testing.assert_allclose(
@@ -167,7 +167,7 @@ def test_models_that_mix_samples_are_never_merged(servers: tuple[str, str]) -> N
     with Client(batching, timeout=60) as b:
         results = concurrently(
             [
-                (lambda x=x: b.analyze("centered", x, ["fc"], Objective.sum(), input_grad=True))
+                (lambda x=x: b.analyze("centered", x, ["fc"], Objective.sum(), input_grads=True))
                 for x in xs
             ]
         )

@@ -82,11 +82,11 @@ def test_embedding_weights_get_gradients_through_integer_inputs(
 
 def test_asking_for_parameter_gradients_changes_nothing_else(client: Client) -> None:
     x = np.random.default_rng(13).standard_normal((1, 3, 28, 28)).astype(np.float32)
-    plain = client.analyze("seed-convnet", x, ["relu_1"], Objective.logit(4), input_grad=True)
+    plain = client.analyze("seed-convnet", x, ["relu_1"], Objective.logit(4), input_grads=True)
     with_params = client.analyze(
-        "seed-convnet", x, ["relu_1"], Objective.logit(4), input_grad=True, param_grads="*"
+        "seed-convnet", x, ["relu_1"], Objective.logit(4), input_grads=True, param_grads="*"
     )
-    again = client.analyze("seed-convnet", x, ["relu_1"], Objective.logit(4), input_grad=True)
+    again = client.analyze("seed-convnet", x, ["relu_1"], Objective.logit(4), input_grads=True)
     for r in (with_params, again):
         np.testing.assert_array_equal(r.gradients["relu_1"], plain.gradients["relu_1"])
         np.testing.assert_array_equal(r.input_grads[0], plain.input_grads[0])

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import threading
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -299,83 +295,33 @@ def test_bad_loops_are_invalid_argument_naming_the_field(
     assert info.value.field == field
 
 
-def test_objective_errors_name_the_objective_field(client: Client) -> None:
+def test_objective_errors_name_the_objective_field(client: Client, address: str) -> None:
+    import grpc
+    from gradtap.client._errors import from_rpc_error
+
+    from gradtap.v1 import gradtap_pb2 as pb
+    from gradtap.v1 import gradtap_pb2_grpc as pb_grpc
+
     x = torch.randn(1, 784).numpy()
-    with pytest.raises(GradtapError) as info:
-        client.perturb("seed-mlp", x, "fgsm", None, epsilon=0.1)
+    # The client refuses a call without an objective before sending it; the server, sent
+    # one anyway, names the field.
+    request = pb.PerturbRequest(
+        model=pb.Model(name="seed-mlp"),
+        inputs=[pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=x.shape, data=x.tobytes())],
+        method=pb.PERTURB_METHOD_FGSM,
+        epsilon=0.1,
+    )
+    with grpc.insecure_channel(address) as channel, pytest.raises(GradtapError) as info:
+        try:
+            list(pb_grpc.GradientServiceStub(channel).Perturb(request, timeout=30))
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
     assert info.value.field == "objective"
     with pytest.raises(GradtapError) as info:
         client.perturb(
             "seed-mlp", x, "fgsm", Objective.mse(np.zeros((1, 64)), node="nope"), epsilon=0.1
         )
     assert info.value.field == "objective.mse.site.node"
-
-
-def _gradtap(*args: str) -> subprocess.CompletedProcess[str]:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("GRADTAP_")}
-    return subprocess.run(
-        [sys.executable, "-m", "gradtap.cli", *args],
-        env=environ,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
-def test_cli_perturb_shows_progress_and_saves_what_the_client_returns(
-    client: Client, address: str, tmp_path: Path
-) -> None:
-    x = torch.randn(1, 784, generator=torch.Generator().manual_seed(6)).numpy()
-    target = np.zeros((1, 64), np.float32)
-    target[0, 10] = 1
-    np.save(tmp_path / "x.npy", x)
-    np.save(tmp_path / "target.npy", target)
-    out = tmp_path / "adversarial.npy"
-    result = _gradtap(
-        "perturb",
-        "seed-mlp",
-        "--input",
-        str(tmp_path / "x.npy"),
-        "--objective",
-        f"mse:{tmp_path / 'target.npy'}",
-        "--objective-node",
-        "relu_1",
-        "--method",
-        "pgd",
-        "--epsilon",
-        "0.05",
-        "--step-size",
-        "0.01",
-        "--steps",
-        "7",
-        "--clamp",
-        ",2",
-        "--out",
-        str(out),
-        "--address",
-        address,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "7/7" in result.stderr and "loss=" in result.stderr
-    assert "objective after" in result.stdout
-    expected = client.perturb(
-        "seed-mlp",
-        x,
-        "pgd",
-        Objective.mse(target, node="relu_1"),
-        epsilon=0.05,
-        step_size=0.01,
-        steps=7,
-        clamp=(None, 2),
-    )
-    np.testing.assert_array_equal(np.load(out), expected.adversarial)
-
-
-@pytest.mark.parametrize("command", ["attribute", "perturb"])
-def test_new_subcommands_have_help(command: str) -> None:
-    result = _gradtap(command, "--help")
-    assert result.returncode == 0, result.stderr
-    assert f"Usage: gradtap {command}" in result.stdout
 
 
 def test_the_docs_example_runs_and_agrees_with_captum(

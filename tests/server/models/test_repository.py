@@ -53,7 +53,7 @@ def test_token_embedding_gradient_matches_retain_grad(client: Client, served: Se
         [ids.numpy(), mask.numpy()],
         targets=["embed"],
         objective=Objective.cross_entropy(labels.numpy()),
-        input_grad=True,
+        input_grads=True,
         activations=True,
     )
     close(r.gradients["embed"], embedded.grad)
@@ -77,7 +77,7 @@ def test_resblock_with_eval_batchnorm_matches_retain_grad(client: Client, served
     assert a.grad is not None and b.grad is not None and x.grad is not None
 
     r = client.analyze(
-        "resblock", x.detach().numpy(), ["bn1", "bn2"], Objective.logit(2), input_grad=True
+        "resblock", x.detach().numpy(), ["bn1", "bn2"], Objective.logit(2), input_grads=True
     )
     close(r.gradients["bn1"], a.grad)
     close(r.gradients["bn2"], b.grad)
@@ -95,7 +95,7 @@ def test_grad_outputs_is_a_vector_jacobian_product(client: Client, served: Serve
         x.detach().numpy(),
         [],
         Objective.grad_outputs(upstream.numpy()),
-        input_grad=True,
+        input_grads=True,
     )
     close(r.input_grads[0], vjp)
 
@@ -108,7 +108,7 @@ def test_per_row_logits_select_one_class_per_row(client: Client, served: Served)
     out[torch.arange(3), torch.tensor([4, 0, 2])].sum().backward()
     assert x.grad is not None
     r = client.analyze(
-        "resblock", x.detach().numpy(), [], Objective.logit([4, 0, 2]), input_grad=True
+        "resblock", x.detach().numpy(), [], Objective.logit([4, 0, 2]), input_grads=True
     )
     close(r.input_grads[0], x.grad)
 
@@ -125,7 +125,7 @@ def test_results_larger_than_grpc_message_limit_come_back_whole(
     out.sum().backward()
     assert conv.grad is not None and x.grad is not None
     r = client.analyze(
-        "wide", x.detach().numpy(), ["conv"], Objective.sum(), activations=True, input_grad=True
+        "wide", x.detach().numpy(), ["conv"], Objective.sum(), activations=True, input_grads=True
     )
     assert r.gradients["conv"].nbytes > 4 << 20
     close(r.gradients["conv"], conv.grad)

@@ -159,7 +159,7 @@ def test_negative_dimension_is_invalid_argument(address: str) -> None:
 
 
 def test_gradients_without_objective_are_invalid_argument(client: Client) -> None:
-    e = failure(lambda: client.analyze("seed-convnet", X, ["relu_1"], None, input_grad=True))
+    e = failure(lambda: client.analyze("seed-convnet", X, ["relu_1"], None, input_grads=True))
     assert e.code == INVALID and e.field == "objective" and e.reason == "OBJECTIVE_REQUIRED"
 
 

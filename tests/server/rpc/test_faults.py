@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import gradtap.client._client as client_module
+import gradtap.client._calls as client_module
 import grpc
 import numpy as np
 import pytest
@@ -60,8 +60,8 @@ def in_flight(running: Running) -> float:
     return metric(running, "gradtap_in_flight_requests", rpc=ANALYZE)
 
 
-class Hooked(client_module.Assembler):  # type: ignore[misc, name-defined]
-    """The client's Assembler, calling `on_message(count)` before it takes each message."""
+class Hooked(client_module.AnalysisAssembler):  # type: ignore[misc, name-defined]
+    """The client's AnalysisAssembler, calling `on_message(count)` before it takes each message."""
 
     on_message: Callable[[int], None] = staticmethod(lambda count: None)
     fed = 0
@@ -75,7 +75,7 @@ class Hooked(client_module.Assembler):  # type: ignore[misc, name-defined]
 @pytest.fixture
 def hooked(monkeypatch: pytest.MonkeyPatch) -> type[Hooked]:
     Hooked.fed = 0
-    monkeypatch.setattr(client_module, "Assembler", Hooked)
+    monkeypatch.setattr(client_module, "AnalysisAssembler", Hooked)
     return Hooked
 
 
@@ -131,7 +131,7 @@ def test_a_client_cancelling_mid_stream_leaves_the_server_serving(
 def test_a_passed_deadline_is_deadline_exceeded(limited: Running) -> None:
     with Client(address(limited), timeout=0.05) as client:
         with pytest.raises(GradtapError) as failed:
-            client.analyze(CONVNET, images(1024), ["relu_1"], Objective.sum(), input_grad=True)
+            client.analyze(CONVNET, images(1024), ["relu_1"], Objective.sum(), input_grads=True)
         assert failed.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
         assert client.health(timeout=10) == "SERVING"
     assert eventually(lambda: in_flight(limited) == 0)
@@ -146,7 +146,7 @@ def test_a_call_without_deadline_ends_at_the_servers_maximum_duration(repository
         with Client(address(running)) as client:  # no deadline at all
             started = time.monotonic()
             with pytest.raises(GradtapError) as failed:
-                client.analyze(CONVNET, images(1024), ["relu_1"], Objective.sum(), input_grad=True)
+                client.analyze(CONVNET, images(1024), ["relu_1"], Objective.sum(), input_grads=True)
             took = time.monotonic() - started
             assert failed.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
             assert failed.value.reason == "CALL_TOO_LONG"
@@ -164,7 +164,7 @@ def test_sigterm_drains_in_flight_calls_refuses_new_ones_and_exits_0() -> None:
 
     def analyze(client: Client) -> Result:
         return client.analyze(
-            "seed-convnet", x, ["relu_1"], Objective.sum(), input_grad=True, outputs=False
+            "seed-convnet", x, ["relu_1"], Objective.sum(), input_grads=True, outputs=False
         )
 
     with servers([["--device", "cpu", "--grace", "60"]]) as (server,):

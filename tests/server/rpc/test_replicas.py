@@ -31,7 +31,7 @@ def inputs(seed: int) -> np.ndarray:
 
 def analyze(client: Client, seed: int) -> Result:
     return client.analyze(
-        "seed-mlp", inputs(seed), ["relu_1"], Objective.logit(3), input_grad=True, timeout=30
+        "seed-mlp", inputs(seed), ["relu_1"], Objective.logit(3), input_grads=True, timeout=30
     )
 
 

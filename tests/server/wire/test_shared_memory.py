@@ -53,7 +53,7 @@ def analyze(c: Client, **kwargs: object) -> object:
         X,
         ["relu_1"],
         Objective.cross_entropy(LABELS),
-        input_grad=True,
+        input_grads=True,
         activations=True,
         **kwargs,  # type: ignore[arg-type]
     )
@@ -103,7 +103,7 @@ def test_a_reused_region_holds_views_that_the_next_call_overwrites(shm_client: C
             other,
             ["relu_1"],
             Objective.cross_entropy(LABELS),
-            input_grad=True,
+            input_grads=True,
             activations=True,
             shared_memory=region,
         )

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from gradtap.client._result import RawChunk, decode_response
+from gradtap.client._assemble import decode_response
+from gradtap.client._frames import RawChunk
 from gradtap.server.wire.frames import encode_chunk
 
 from gradtap.v1 import gradtap_pb2 as pb

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,25 +12,7 @@ import pytest
 import torch
 from gradtap.client import Client, Objective
 
-CLI = [sys.executable, "-m", "gradtap.cli"]
-RTOL = 1e-5
-
-
-def gradtap(*args: str, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess[str]:
-    """Runs the CLI with no GRADTAP_* settings inherited from the caller's environment."""
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("GRADTAP_")}
-    return subprocess.run(
-        [*CLI, *args],
-        cwd=cwd,
-        env={**environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
-def image(seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((1, 3, 28, 28)).astype(np.float32)
+from .running import RTOL, gradtap, image
 
 
 def test_importing_the_cli_does_not_import_torch() -> None:
@@ -40,7 +21,20 @@ def test_importing_the_cli_does_not_import_torch() -> None:
     assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.parametrize("command", ["", "serve", "models", "describe", "analyze", "health"])
+@pytest.mark.parametrize(
+    "command",
+    [
+        "",
+        "serve",
+        "models",
+        "describe",
+        "analyze",
+        "analyze-many",
+        "health",
+        "attribute",
+        "perturb",
+    ],
+)
 def test_every_subcommand_has_help(command: str) -> None:
     result = gradtap(*([command] if command else []), "--help")
     assert result.returncode == 0, result.stderr
@@ -96,7 +90,7 @@ def test_analyze_saves_the_same_gradients_as_the_client(address: str, tmp_path: 
     np.save(tmp_path / "x.npy", x)
     result = gradtap(
         "analyze", "seed-convnet", "--input", "x.npy", "--target", "relu_1",
-        "--objective", "cross_entropy:3", "--input-grad", "--out", "r.npz",
+        "--objective", "cross_entropy:3", "--input-grads", "--out", "r.npz",
         "--address", address, cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -106,7 +100,7 @@ def test_analyze_saves_the_same_gradients_as_the_client(address: str, tmp_path: 
             x,
             targets=["relu_1"],
             objective=Objective.cross_entropy([3]),
-            input_grad=True,
+            input_grads=True,
         )
     with np.load(tmp_path / "r.npz") as saved:
         assert sorted(saved.files) == [
@@ -126,7 +120,7 @@ def test_analyze_without_input_uses_the_documented_seeded_random_input(
     address: str, tmp_path: Path
 ) -> None:
     result = gradtap(
-        "analyze", "seed-convnet", "--target", "relu_1", "--seed", "7", "--out", "r.npz",
+        "analyze", "seed-convnet", "--target", "relu_1", "--input-seed", "7", "--out", "r.npz",
         "--address", address, cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -178,14 +172,14 @@ def test_analyze_mse_objective_at_a_node_matches_the_client(address: str, tmp_pa
     np.save(tmp_path / "t.npy", target)
     result = gradtap(
         "analyze", "seed-mlp", "-i", "x.npy", "-t", "relu_1", "--objective", "mse:t.npy",
-        "--objective-node", "relu_1", "--input-grad", "--out", "r.npz",
+        "--objective-node", "relu_1", "--input-grads", "--out", "r.npz",
         "--address", address, cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "mse at node relu_1" in result.stdout
     with Client(address) as client:
         expected = client.analyze(
-            "seed-mlp", x, ["relu_1"], Objective.mse(target, node="relu_1"), input_grad=True
+            "seed-mlp", x, ["relu_1"], Objective.mse(target, node="relu_1"), input_grads=True
         )
     with np.load(tmp_path / "r.npz") as saved:
         np.testing.assert_allclose(saved["input_grad/0"], expected.input_grads[0], RTOL)
@@ -253,3 +247,77 @@ def test_serve_on_cuda_without_cuda_is_a_readable_error() -> None:
     assert result.returncode == 2
     assert "error: --device cuda" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+CLIENT_COMMANDS = [
+    "models",
+    "describe",
+    "analyze",
+    "analyze-many",
+    "health",
+    "attribute",
+    "perturb",
+]
+
+
+@pytest.mark.parametrize("command", CLIENT_COMMANDS)
+def test_every_client_command_has_the_same_options_and_default_timeout(command: str) -> None:
+    result = gradtap(command, "--help", COLUMNS="200")
+    assert result.returncode == 0, result.stderr
+    options = result.stdout.split("\nOptions:", 1)[1]
+    for option in ("--address", "--token", "--timeout"):
+        assert option in options
+    assert "[default: 300.0" in options.split("--timeout", 1)[1].split("\n  -")[0]
+    calls_a_model = command not in ("models", "health")
+    assert ("--digest" in options) == calls_a_model
+    analyzes = command in ("analyze", "analyze-many")
+    assert ("--precision" in options) == analyzes and ("--param-grads" in options) == analyzes
+    sends_inputs = command in ("analyze", "attribute", "perturb")
+    assert ("--input-seed" in options) == sends_inputs and ("--out " in options) == sends_inputs
+
+
+def test_analyze_param_grads_precision_and_digest_reach_the_call(
+    address: str, tmp_path: Path
+) -> None:
+    with Client(address) as client:
+        digest = client.describe("seed-convnet").digest
+        x = image(5)
+        expected = client.analyze(
+            "seed-convnet",
+            x,
+            [],
+            Objective.logit(1),
+            param_grads=["fc.bias", "conv1.weight"],
+            precision="bfloat16",
+            digest=digest,
+        )
+    np.save(tmp_path / "x.npy", x)
+    result = gradtap(
+        "analyze", "seed-convnet", "-i", "x.npy", "--objective", "logit:1",
+        "--param-grads", "fc.bias", "--param-grads", "conv1.weight", "--precision", "bfloat16",
+        "--digest", digest, "--out", "r.npz", "--address", address, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    with np.load(tmp_path / "r.npz") as saved:
+        for name in ("fc.bias", "conv1.weight"):
+            np.testing.assert_allclose(saved[f"param_grad/{name}"], expected.param_grads[name])
+        assert float(saved["loss"]) == expected.loss
+
+
+def test_the_0_1_spellings_of_analyze_still_work_with_a_note(address: str, tmp_path: Path) -> None:
+    old = gradtap(
+        "analyze", "seed-convnet", "-t", "relu_1", "--input-grad", "--seed", "3",
+        "--out", "old.npz", "--address", address, cwd=tmp_path,
+    )  # fmt: skip
+    assert old.returncode == 0, old.stderr
+    assert "note: --input-grad is deprecated; use --input-grads" in old.stderr
+    assert "note: --seed in analyze is deprecated; use --input-seed" in old.stderr
+    new = gradtap(
+        "analyze", "seed-convnet", "-t", "relu_1", "--input-grads", "--input-seed", "3",
+        "--out", "new.npz", "--address", address, cwd=tmp_path,
+    )  # fmt: skip
+    assert new.returncode == 0 and "deprecated" not in new.stderr, new.stderr
+    with np.load(tmp_path / "old.npz") as a, np.load(tmp_path / "new.npz") as b:
+        assert a.files == b.files
+        for key in a.files:
+            np.testing.assert_array_equal(a[key], b[key])

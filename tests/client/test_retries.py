@@ -13,7 +13,7 @@ import grpc
 import numpy as np
 import pytest
 from gradtap.client import Client, GradtapError, aio
-from gradtap.client._request import channel_options
+from gradtap.client._channel import channel_options
 from gradtap.client._retry import method_config
 from gradtap.server.errors import InvalidArgument, RequestError, ResourceExhausted
 from gradtap.server.rpc.admission import Admission, overloaded_status

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from gradtap.client import Client, Objective
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "tests" / "node" / "analyze.js"
 GRPC_JS = ROOT / "tools" / "node_modules" / "@grpc" / "grpc-js"
 
@@ -63,7 +63,7 @@ def test_node_client_reassembles_a_one_message_result_byte_for_byte(
         node, tmp_path, address, "seed-convnet", x, "relu_1", "cross_entropy:3"
     )
     expected = client.analyze(
-        "seed-convnet", x, ["relu_1"], Objective.cross_entropy([3]), input_grad=True
+        "seed-convnet", x, ["relu_1"], Objective.cross_entropy([3]), input_grads=True
     )
 
     np.testing.assert_array_equal(
@@ -84,7 +84,7 @@ def test_node_client_reassembles_a_multi_chunk_result_over_4_mib(
 ) -> None:
     x = np.random.default_rng(8).standard_normal((1, 3, 128, 128), dtype=np.float32)
     description, tensors = analyze_with_node(node, tmp_path, address, "wide", x, "conv", "sum")
-    expected = client.analyze("wide", x, ["conv"], Objective.sum(), input_grad=True)
+    expected = client.analyze("wide", x, ["conv"], Objective.sum(), input_grads=True)
 
     gradient = tensors[("TENSOR_ROLE_GRADIENT", "conv", 0)]
     assert gradient.shape == (1, 96, 128, 128)
