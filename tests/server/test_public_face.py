@@ -35,3 +35,14 @@ def test_the_old_app_module_still_works_and_warns() -> None:
         old = importlib.import_module("gradtap.server.app")
     for name in ("Settings", "Running", "start", "create_server", "serve", "resolve_device"):
         assert getattr(old, name) is getattr(app, name)
+
+
+def test_the_zoo_at_its_old_path_still_works_and_warns() -> None:
+    import gradtap.server.models
+    from gradtap.server.models import zoo
+
+    with pytest.warns(DeprecationWarning, match=r"moved to gradtap\.server\.models\.zoo"):
+        old = gradtap.server.models.builtin_module
+    assert old is zoo.builtin_module
+    with pytest.raises(AttributeError):
+        gradtap.server.models.nothing_here  # noqa: B018
