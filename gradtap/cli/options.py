@@ -108,6 +108,15 @@ Digest = Annotated[
         help="Fail unless the served model has this digest (sha256:..., see `gradtap models`).",
     ),
 ]
+ModelVersion = Annotated[
+    str | None,
+    typer.Option(
+        "--version",
+        metavar="VERSION",
+        help="The model version to use (see `gradtap models`); without it, the default "
+        "version: the newest ready one, unless an operator pinned another.",
+    ),
+]
 PrecisionOption = Annotated[
     Precision,
     typer.Option(
