@@ -23,13 +23,12 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from traceback import format_exception
 from typing import cast
 
 import torch
 from torch.export import ExportedProgram
 
-from ..errors import FailedPrecondition, ModelLoadError, NotFound, RequestError
+from ..errors import FailedPrecondition, ModelLoadError, NotFound
 from .archive import archive_options, load_archive
 from .model import Model, prepare
 from .versions import (
@@ -39,6 +38,7 @@ from .versions import (
     ModelStatus,
     State,
     VersionStatus,
+    load_failure,
     natural,
     unpacked_size,
     valid_name,
@@ -218,6 +218,11 @@ class Registry:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def counts(self) -> tuple[dict[tuple[str, str, str], int], dict[tuple[str, str], int]]:
+        """A copy of `loads` and `served`, taken at once (for a metrics scrape)."""
+        with self._lock:
+            return dict(self.loads), dict(self.served)
+
     def in_flight(self, model: Model) -> int:
         """Calls running on `model` now."""
         with self._lock:
@@ -311,13 +316,12 @@ class Registry:
             try:
                 model = self._build(name, version, data, source, max_unpacked)
             except Exception as e:  # noqa: BLE001 - any failure is a failed load
-                failure = _failure(e)
+                failure = load_failure(e)
             if failure is not None:
                 # Out of the except block, the exception and its frames (which hold what the
                 # load took) are gone; torch.fx graphs are cycles, so collect them now.
                 gc.collect()
-                self._fail(name, version, failure.reason, before, keep_failure)
-                self.loads[(name, source, "failed")] += 1
+                self._fail(name, version, source, failure.reason, before, keep_failure)
                 self._changed(name)
                 raise failure
             with self._lock:
@@ -328,7 +332,7 @@ class Registry:
                 idle = old if old is not None and not self._calls.get(old.key) else None
                 if old is not None and idle is None:
                     self._retired[old.key] = old  # it goes when its last call ends
-            self.loads[(name, source, "ready")] += 1
+                self.loads[(name, source, "ready")] += 1
         if idle is not None:
             self._let_go(idle)
         self._changed(name)
@@ -347,7 +351,8 @@ class Registry:
             entry = self._entries.setdefault(name, _Entry(name))
             slot = entry.slots.get(version)
             if slot is not None and slot.source == "builtin" and slot.state is State.READY:
-                raise LoadFailed(f"version {version!r} of {name!r} is built in")
+                why = f"version {version!r} of {name!r} is built in: load another version"
+                raise LoadFailed(why, FailedPrecondition(why, reason="VERSION_BUILT_IN"))
             before = None if slot is None else _Slot(**slot.__dict__)
             if slot is None or slot.state is not State.READY:
                 entry.slots[version] = _Slot(version, State.LOADING, source)
@@ -370,10 +375,17 @@ class Registry:
             return model
 
     def _fail(
-        self, name: str, version: str, reason: str, before: _Slot | None, keep_failure: bool
+        self,
+        name: str,
+        version: str,
+        source: str,
+        reason: str,
+        before: _Slot | None,
+        keep_failure: bool,
     ) -> None:
         log.error("model %s version %s failed to load: %s", name, version, reason)
         with self._lock:
+            self.loads[(name, source, "failed")] += 1
             entry = self._entries[name]
             slot = entry.slots[version]
             if slot.state is State.READY:
@@ -491,19 +503,3 @@ def _no_version(name: str, version: str) -> NotFound:
         reason="VERSION_NOT_FOUND",
         field="version",
     )
-
-
-def _failure(error: Exception) -> LoadFailed:
-    """What a failed load reports: the loader's own words, or the refusal."""
-    if isinstance(error, LoadFailed):
-        return LoadFailed(error.reason, error.cause)
-    if isinstance(error, RequestError):
-        refusal = type(error)(
-            error.message, reason=error.reason, field=error.field, metadata=error.metadata
-        )
-        return LoadFailed(f"refused: {error.message}", refusal)
-    if isinstance(error, ModelLoadError):
-        return LoadFailed(str(error))
-    # The traceback as text: a log record keeping exc_info would keep the load's frames.
-    log.error("unexpected error while loading a model:\n%s", "".join(format_exception(error)))
-    return LoadFailed(f"{type(error).__name__}: {str(error)[:400]}")

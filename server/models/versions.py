@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import enum
 import io
+import logging
 import re
 import zipfile
 from dataclasses import dataclass
+from traceback import format_exception
 
 from ..errors import ModelLoadError, RequestError
+
+log = logging.getLogger(__name__)
 
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 """Every model name matches this; names are looked up in a dict, never joined into paths
@@ -109,3 +113,19 @@ def unpacked_size(data: bytes | bytearray, limit: int | None = None) -> int:
     if limit is not None and total > limit:
         raise ModelLoadError(f"the archive expands to {total} bytes, over the limit of {limit}")
     return max(total, len(data))
+
+
+def load_failure(error: Exception) -> LoadFailed:
+    """What a failed load reports: the loader's own words, or the refusal."""
+    if isinstance(error, LoadFailed):
+        return LoadFailed(error.reason, error.cause)
+    if isinstance(error, RequestError):
+        refusal = type(error)(
+            error.message, reason=error.reason, field=error.field, metadata=error.metadata
+        )
+        return LoadFailed(f"refused: {error.message}", refusal)
+    if isinstance(error, ModelLoadError):
+        return LoadFailed(str(error))
+    # The traceback as text: a log record keeping exc_info would keep the load's frames.
+    log.error("unexpected error while loading a model:\n%s", "".join(format_exception(error)))
+    return LoadFailed(f"{type(error).__name__}: {str(error)[:400]}")

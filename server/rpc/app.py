@@ -184,6 +184,7 @@ class Running:
     def drain(self, grace: float) -> None:
         """Turns health NOT_SERVING, refuses new calls and lets in-flight ones finish."""
         self.set_serving(False)
+        self.health.enter_graceful_shutdown()  # every model's service too, for good
         if self.repository is not None:
             self.repository.stop()
         self.server.stop(grace).wait()

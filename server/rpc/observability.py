@@ -131,13 +131,14 @@ class ModelMetrics:
 
     def collect(self) -> Iterable[Metric]:
         loads, versions, calls = self._families()
-        for (model, source, result), count in sorted(self.registry.loads.items()):
+        loaded, served = self.registry.counts()
+        for (model, source, result), count in sorted(loaded.items()):
             loads.add_metric([model, source, result], count)
         for status in self.registry.statuses():
             states = collections.Counter(v.state for v in status.versions)
             for state in State:
                 versions.add_metric([status.name, state.value], states[state])
-        for (model, version), count in sorted(self.registry.served.items()):
+        for (model, version), count in sorted(served.items()):
             calls.add_metric([model, version], count)
         return loads, versions, calls
 

@@ -128,6 +128,10 @@ def test_versions_are_picked_by_name_digest_or_default_and_pinned(server: Server
         assert run()[0] == "11"
         admin.unload_model("picked")
         assert "picked" not in {m.name for m in admin.list_models()}
+        with pytest.raises(GradtapError) as e:  # a built-in version is code, not an archive
+            admin.load_model("seed-mlp", models.scale_archive(1.0), version="1")
+        assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert e.value.reason == "VERSION_BUILT_IN"
 
 
 def test_replacing_the_default_under_16_callers_fails_no_call(server: Server) -> None:
