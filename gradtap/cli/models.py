@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
@@ -22,6 +23,7 @@ from .options import (
     ModelVersion,
     Timeout,
     Token,
+    checked_version,
     connect,
 )
 from .show import shape_text, table
@@ -82,6 +84,7 @@ def load(
         typer.Option(
             "--version",
             metavar="VERSION",
+            callback=checked_version,
             help="The version to load: [A-Za-z0-9][A-Za-z0-9._-]{0,63}. An upload without "
             "it becomes one past the model's highest numeric version; a reload without it "
             "loads every version in the repository.",
@@ -96,6 +99,7 @@ def load(
     A READY version of that name keeps serving until the new one is READY; calls naming no
     version then get the newest READY version (or the pinned default).
     """
+    _check_name(model)
     with connect(address, token, timeout) as client:
         if archive is not None:
             loaded = client.load_model(model, archive, version=version)
@@ -111,7 +115,10 @@ def unload(
     version: Annotated[
         str | None,
         typer.Option(
-            "--version", metavar="VERSION", help="The version to unload; without it, all."
+            "--version",
+            metavar="VERSION",
+            callback=checked_version,
+            help="The version to unload; without it, all.",
         ),
     ] = None,
     address: Address = DEFAULT_ADDRESS,
@@ -119,6 +126,7 @@ def unload(
     timeout: Timeout = DEFAULT_TIMEOUT,
 ) -> None:
     """Unload a version of a model, or the whole model; calls running on it finish first."""
+    _check_name(model)
     with connect(address, token, timeout) as client:
         info = client.unload_model(model, version)
     typer.echo(f"{model} is gone" if info is None else _versions(info))
@@ -131,6 +139,7 @@ def default(
         str | None,
         typer.Argument(
             metavar="[VERSION]",
+            callback=checked_version,
             help="A READY version; without it, the default is the newest READY version again.",
         ),
     ] = None,
@@ -139,9 +148,21 @@ def default(
     timeout: Timeout = DEFAULT_TIMEOUT,
 ) -> None:
     """Pin the version that calls naming none get, or unpin it."""
+    _check_name(model)
     with connect(address, token, timeout) as client:
         info = client.set_default_version(model, version)
     typer.echo(_versions(info))
+
+
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def _check_name(model: str) -> None:
+    """A name model control can take: the server's rule, without "..", checked before sending."""
+    if not MODEL_NAME.fullmatch(model) or ".." in model:
+        raise typer.BadParameter(
+            f"a model name matches {MODEL_NAME.pattern} without '..'", param_hint="'MODEL'"
+        )
 
 
 def _versions(info: ModelInfo) -> str:

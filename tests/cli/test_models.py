@@ -90,5 +90,11 @@ def test_model_control_without_the_admin_scope_is_an_error(server: Server, tmp_p
     )
     assert result.returncode == 1
     assert "PERMISSION_DENIED" in result.stderr and "ADMIN_REQUIRED" in result.stderr
-    result = gradtap("models", "load", "../scale", str(tmp_path), GRADTAP_ADDRESS=server.address)
-    assert result.returncode == 2  # a directory is no archive: a usage error
+    archive = tmp_path / "scale.pt2"
+    archive.write_bytes(models.scale_archive(1.0))
+    for args in (["load", "../scale", str(archive)], ["unload", "scale", "--version", "../1"]):
+        result = gradtap("models", *args, GRADTAP_ADDRESS=server.address, GRADTAP_TOKEN=ADMIN)
+        assert result.returncode == 2 and "without '..'" in result.stderr  # a usage error
+        assert "Traceback" not in result.stderr
+    result = gradtap("analyze", "scale", "--version", "a/b", GRADTAP_ADDRESS=server.address)
+    assert result.returncode == 2 and "Traceback" not in result.stderr

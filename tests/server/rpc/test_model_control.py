@@ -122,6 +122,10 @@ def test_versions_are_picked_by_name_digest_or_default_and_pinned(server: Server
             run(version="7")
         assert e.value.code == grpc.StatusCode.NOT_FOUND and e.value.reason == "VERSION_NOT_FOUND"
 
+        items = list(admin.analyze_many("picked", [X, 2 * X], [], Objective.sum(), version="2"))
+        assert [r.metadata["model_version"] for r in items] == ["2", "2"]
+        np.testing.assert_allclose(items[1].outputs[0], expected(2, 2 * X), rtol=RTOL)
+
         assert admin.set_default_version("picked", "2").default_version == "2"
         assert run()[0] == "2"
         assert admin.set_default_version("picked", None).default_version == "11"
