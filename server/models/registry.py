@@ -16,7 +16,6 @@ everything it took.
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 import threading
 from collections import Counter
@@ -318,9 +317,9 @@ class Registry:
             except Exception as e:  # noqa: BLE001 - any failure is a failed load
                 failure = load_failure(e)
             if failure is not None:
-                # Out of the except block, the exception and its frames (which hold what the
-                # load took) are gone; torch.fx graphs are cycles, so collect them now.
-                gc.collect()
+                # Out of the except block, the exception and the frames that held what the
+                # load took are gone: its tensors are freed now, by reference counting (a
+                # full gc.collect would stall every call for most of a second).
                 self._fail(name, version, source, failure.reason, before, keep_failure)
                 self._changed(name)
                 raise failure
@@ -489,8 +488,8 @@ class Registry:
         log.info("model %s version %s let go (%s)", model.name, model.version, model.digest)
         if self.on_retired is not None:
             self.on_retired(model)
-        del model
-        gc.collect()  # torch.fx graphs are cycles: free their weights now, not some day
+        # The registry, the engine and the last call have dropped it: its weights go with
+        # the last reference (only its graph's fake tensors wait for the cycle collector).
 
     def _changed(self, name: str) -> None:
         if self.on_change is not None:
