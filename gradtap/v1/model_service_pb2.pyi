@@ -67,7 +67,9 @@ class LoadModelRequest(_message.Message):
     HEADER_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
     chunk: _builtins.bytes
-    """The next bytes of the archive; each message at most 4 MiB."""
+    """The next bytes of the archive, in order: 1 MiB a message is a good size (at most the
+    server's message limit, 64 MiB by default).
+    """
     @_builtins.property
     def header(self) -> Global___UploadHeader:
         """What the upload is; the first message, and only the first."""
