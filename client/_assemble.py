@@ -21,6 +21,7 @@ from ._result import (
     AttributionResult,
     ModelDescription,
     ModelInfo,
+    ModelVersion,
     Node,
     PerturbResult,
     Result,
@@ -33,6 +34,11 @@ from ._tensor import DTYPE_NAMES
 T = TypeVar("T")
 Step = tuple[int, float]
 """(step, loss): the progress of an adversarial loop."""
+
+_STATES = {
+    value: name.removeprefix("MODEL_STATE_") for name, value in pb.ModelState.items() if value
+}
+"""ModelState values by their names without the prefix: "READY", "FAILED", ..."""
 
 _MANY_CHUNKS_TAG = (pb.AnalyzeManyResponse.DESCRIPTOR.fields_by_name["chunks"].number << 3) | 2
 _CHUNKS_TAG = (pb.AnalyzeResponse.DESCRIPTOR.fields_by_name["chunks"].number << 3) | 2
@@ -71,8 +77,30 @@ def _spec(s: pb.TensorSpec) -> TensorSpec:
     )
 
 
+def model_version(v: pb.ModelVersionInfo) -> ModelVersion:
+    return ModelVersion(
+        version=v.version,
+        digest=v.digest,
+        state=_STATES.get(v.state, "UNSPECIFIED"),
+        reason=v.reason,
+        source=v.source,
+    )
+
+
+def model_info(m: pb.ModelSummary) -> ModelInfo:
+    return ModelInfo(
+        name=m.name,
+        digest=m.digest,
+        source=m.source,
+        default_version=m.default_version,
+        versions=tuple(model_version(v) for v in m.versions),
+        state=_STATES.get(m.state, "UNSPECIFIED"),
+        reason=m.reason,
+    )
+
+
 def model_infos(r: pb.ListModelsResponse) -> list[ModelInfo]:
-    return [ModelInfo(name=m.name, digest=m.digest, source=m.source) for m in r.models]
+    return [model_info(m) for m in r.models]
 
 
 def description(r: pb.DescribeModelResponse) -> ModelDescription:
@@ -88,6 +116,9 @@ def description(r: pb.DescribeModelResponse) -> ModelDescription:
         ],
         modules={m.path: m.node for m in r.modules},
         parameters=list(r.parameters),
+        version=r.version.version,
+        default_version=r.model.default_version,
+        versions=tuple(model_version(v) for v in r.model.versions),
     )
 
 
@@ -151,6 +182,7 @@ class AnalysisAssembler:
             loss=s.loss,
             metadata={
                 "model": self._model,
+                "model_version": s.model_version,
                 "model_digest": s.model_digest,
                 "device": s.device,
                 "torch_version": s.torch_version,
@@ -236,6 +268,7 @@ class AttributionAssembler(_OneTensor):
             attribution,
             {
                 **self._about,
+                "model_version": s.model_version,
                 "model_digest": s.model_digest,
                 "device": s.device,
                 "torch_version": s.torch_version,
@@ -283,6 +316,7 @@ class PerturbAssembler(_OneTensor):
             metadata=PerturbMetadata(
                 {
                     **self._about,
+                    "model_version": s.model_version,
                     "model_digest": s.model_digest,
                     "device": s.device,
                     "torch_version": s.torch_version,

@@ -37,6 +37,7 @@ from ._request import (
     analyze_request,
     arrays,
     attribution_params,
+    checked_version,
     choice,
     class_index,
     float_like,
@@ -99,14 +100,20 @@ def list_models(*, timeout: float | None = None) -> Call[list[ModelInfo]]:
 
 
 def describe(
-    model: str, *, digest: str | None = None, timeout: float | None = None
+    model: str,
+    *,
+    version: str | None = None,
+    digest: str | None = None,
+    timeout: float | None = None,
 ) -> Call[ModelDescription]:
-    """A model's inputs, outputs, nodes, module paths and parameters.
+    """A model's inputs, outputs, nodes, module paths and parameters: those of `version`,
+    or of the version whose digest is `digest`, or of the default version.
 
     Raises:
-        GradtapError: NOT_FOUND for an unknown model, or another failure.
+        GradtapError: NOT_FOUND for an unknown model or version, or another failure.
+        ValueError: a version that is not [A-Za-z0-9][A-Za-z0-9._-]{0,63}; nothing was sent.
     """
-    message = pb.DescribeModelRequest(model=model_ref(model, digest))
+    message = pb.DescribeModelRequest(model=model_ref(model, digest, version))
     return Call(DESCRIBE, message, lambda _: Reply(description), timeout)
 
 
@@ -131,6 +138,7 @@ def analyze(
     activations: bool = False,
     outputs: bool = True,
     param_grads: str | Sequence[str] = (),
+    version: str | None = None,
     digest: str | None = None,
     precision: str = "full",
     shared_memory: bool | SharedRegion = False,
@@ -151,7 +159,11 @@ def analyze(
         outputs: also return the model's outputs.
         param_grads: state-dict names of parameters (describe() lists them), or "*" for
             all, whose gradients to return in Result.param_grads.
-        digest: fail unless the served model has this digest.
+        version: the model version to run; the default version (the newest ready one,
+            unless an operator pinned another) when None. metadata["model_version"] says
+            which version computed the result.
+        digest: fail unless the version that runs has this digest; without a version, the
+            version with this digest runs.
         precision: "full", or "bfloat16" to run the forward pass under bf16 autocast
             (faster on GPUs; results carry about 3 significant digits).
         shared_memory: on the server's host, with a server started with
@@ -181,6 +193,7 @@ def analyze(
         param_grads=param_grads,
         digest=digest,
         precision=precision,
+        version=version,
     )
     return Call(
         ANALYZE,
@@ -207,6 +220,7 @@ def analyze_many(
     aggregate: bool = False,
     per_item: bool = True,
     max_in_flight: int = 4,
+    version: str | None = None,
     digest: str | None = None,
     precision: str = "full",
     timeout: float | None = None,
@@ -220,8 +234,9 @@ def analyze_many(
         model: the model's name; the same for every item.
         items: an iterable of inputs, one per item: each an array (a batch for the model),
             or a tuple of arrays for a model with several inputs.
-        targets, input_grads, activations, outputs, param_grads, digest, precision: as
-            for analyze(), the same for every item.
+        targets, input_grads, activations, outputs, param_grads, version, digest,
+            precision: as for analyze(), the same for every item. Every item runs on the
+            version the first one got, even if the default changes meanwhile.
         objective: an Objective for every item, or a function of the item's position
             returning that item's Objective (e.g. its labels).
         aggregate: keep a running aggregate of every target's gradient on the server
@@ -255,7 +270,15 @@ def analyze_many(
     if objective is not None and not isinstance(objective, Objective) and not callable(objective):
         raise TypeError("objective must be an Objective, or a function of the item's position")
     requests = many_requests(
-        model, items, wanted, objective, options, digest=digest, precision=precision, **flags
+        model,
+        items,
+        wanted,
+        objective,
+        options,
+        digest=digest,
+        precision=precision,
+        version=checked_version(version),
+        **flags,
     )
     assembler = ManyAssembler(model, wanted)
     return ManyCall(ANALYZE_MANY, requests, assembler, max_in_flight, aggregate, timeout)
@@ -282,6 +305,7 @@ def attribute(
     relu_attributions: bool | None = None,
     attr_dim_summation: bool | None = None,
     multiply_by_inputs: bool | None = None,
+    version: str | None = None,
     digest: str | None = None,
     timeout: float | None = None,
 ) -> Call[AttributionResult]:
@@ -313,7 +337,7 @@ def attribute(
         abs: saliency and smoothgrad: absolute values.
         relu_attributions, attr_dim_summation: Grad-CAM's.
         multiply_by_inputs: integrated gradients', layer IG's, gradient x activation's.
-        digest: fail unless the served model has this digest.
+        version, digest: the model version to run, as for analyze().
         timeout: deadline in seconds for this call.
 
     Returns:
@@ -343,7 +367,7 @@ def attribute(
         "multiply_by_inputs": multiply_by_inputs,
     }
     message = pb.AttributeRequest(
-        model=model_ref(model, digest),
+        model=model_ref(model, digest, version),
         inputs=[encode(a) for a in given],
         method=choice(ATTRIBUTION_METHODS, method, "method"),
         index=class_index(index),
@@ -372,6 +396,7 @@ def perturb(
     mask: Any = None,
     zero_threshold: float | None = None,
     on_step: OnStep | None = None,
+    version: str | None = None,
     digest: str | None = None,
     timeout: float | None = None,
 ) -> Call[PerturbResult]:
@@ -399,7 +424,7 @@ def perturb(
         on_step: called with (step, loss) as each step finishes on the server (the
             asyncio client also awaits a coroutine function); if it raises, the call
             is cancelled.
-        digest: fail unless the served model has this digest.
+        version, digest: the model version to run, as for analyze().
         timeout: deadline in seconds for this call.
 
     Returns:
@@ -415,7 +440,7 @@ def perturb(
         raise TypeError("perturb needs an objective, built with gradtap.client.Objective")
     given = arrays(inputs)
     message = pb.PerturbRequest(
-        model=model_ref(model, digest),
+        model=model_ref(model, digest, version),
         inputs=[encode(a) for a in given],
         method=choice(PERTURB_METHODS, method, "method"),
         objective=objective.message,

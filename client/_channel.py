@@ -118,5 +118,7 @@ class Connection:
                 response_deserializer=method.deserialize,
             )
         deadline = self._timeout if timeout is None else timeout
+        if request is not None and method.kind.startswith("stream"):
+            request = iter(request)  # a fresh stream of request messages for each attempt
         arguments = () if request is None else (request,)
         return callable_(*arguments, timeout=deadline, metadata=self._metadata)

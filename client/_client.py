@@ -10,7 +10,7 @@ import grpc
 
 from gradtap.v1 import gradtap_pb2 as pb
 
-from . import _calls
+from . import _calls, _control
 from ._channel import Connection
 from ._closing import Closing
 from ._exchange import Attempts, Call, ManyCall, Streamed, face_method, result_type
@@ -110,7 +110,7 @@ class Client(Connection, Closing):
             while True:
                 with attempts.attempt() as request:
                     rpc = self._invoke(call.method, request, call.timeout)
-                    if call.method.kind == "unary_unary":
+                    if call.method.kind in ("unary_unary", "stream_unary"):
                         attempts.feed(rpc)  # the blocking call returned the response
                     else:
                         try:
@@ -127,3 +127,7 @@ class Client(Connection, Closing):
     analyze_many = _streamed(_calls.analyze_many)
     attribute = _call(_calls.attribute)
     perturb = _call(_calls.perturb)
+    load_model = _call(_control.load_model)
+    load_model_from_repository = _call(_control.load_model_from_repository)
+    unload_model = _call(_control.unload_model)
+    set_default_version = _call(_control.set_default_version)

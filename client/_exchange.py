@@ -38,7 +38,7 @@ class Method:
     """One RPC: its path, its kind (the channel's method that makes it) and its codecs."""
 
     path: str
-    kind: Literal["unary_unary", "unary_stream", "stream_stream"]
+    kind: Literal["unary_unary", "unary_stream", "stream_unary", "stream_stream"]
     serialize: Callable[[Any], bytes]
     deserialize: Callable[[bytes], Any]
 
@@ -57,7 +57,9 @@ class Call(Generic[T]):
 
     Attributes:
         method: the RPC.
-        request: the request message; an attempt may name a shared-memory region in it.
+        request: the request message (an attempt may name a shared-memory region in it),
+            or for a client-streaming method an iterable of them that each attempt iterates
+            afresh.
         assemble: makes a fresh assembler for each attempt, writing into the attempt's
             shared-memory region (None without one).
         timeout: the call's deadline in seconds; None for the client's.

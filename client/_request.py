@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -59,10 +60,34 @@ def choice(table: Mapping[str, V], value: str, what: str) -> V:
     return table[value]
 
 
-def model_ref(model: str, digest: str | None) -> pb.Model:
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+"""A model name: what the server accepts (a name with ".." is never loaded)."""
+VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+"""A version; it never holds ".." either."""
+
+
+def model_ref(model: str, digest: str | None, version: str | None = None) -> pb.Model:
     if not isinstance(model, str) or not model:
         raise ValueError("model must be a model name, e.g. 'seed-convnet'")
-    return pb.Model(name=model, digest=digest or "")
+    return pb.Model(name=model, digest=digest or "", version=checked_version(version))
+
+
+def checked_name(name: object) -> str:
+    """A model name the server can load: MODEL_NAME without "..", else ValueError."""
+    if not isinstance(name, str) or not MODEL_NAME.fullmatch(name) or ".." in name:
+        raise ValueError(
+            f"model name {str(name)[:140]!r} must match {MODEL_NAME.pattern} without '..'"
+        )
+    return name
+
+
+def checked_version(version: object) -> str:
+    """A version (VERSION without ".."), or "" for None or "" (the default); else ValueError."""
+    if version is None or version == "":
+        return ""
+    if not isinstance(version, str) or not VERSION.fullmatch(version) or ".." in version:
+        raise ValueError(f"version {str(version)[:80]!r} must match {VERSION.pattern} without '..'")
+    return version
 
 
 def arrays(inputs: Any) -> list[np.ndarray]:
@@ -89,6 +114,7 @@ def analyze_request(
     param_grads: str | Sequence[str],
     digest: str | None,
     precision: str,
+    version: str | None = None,
 ) -> pb.AnalyzeRequest:
     """Encodes an analyze call: one array or a list of arrays, targets, an objective."""
     if objective_or_none(objective) is None:
@@ -96,7 +122,7 @@ def analyze_request(
     else:
         capture = pb.CAPTURE_GRADIENT_AND_ACTIVATION if activations else pb.CAPTURE_GRADIENT
     request = pb.AnalyzeRequest(
-        model=model_ref(model, digest),
+        model=model_ref(model, digest, version),
         inputs=[encode(a) for a in arrays(inputs)],
         targets=[target_message(t, capture) for t in targets],
         param_grads=[param_grads] if isinstance(param_grads, str) else list(param_grads),

@@ -24,11 +24,12 @@ class Result:
         input_grads: input position -> gradient with respect to that input.
         outputs: the model's outputs, in order (when requested).
         loss: the objective's value (NaN without an objective).
-        metadata: model, model_digest, device, torch_version, replica, batch_size,
-            precision, timings (decode_ms, forward_ms, backward_ms, collect_ms, total_ms),
-            bytes_received (tensor bytes that crossed the wire) and transport ("stream", or
-            "shared_memory" when the server wrote the tensors into a SharedRegion); "item"
-            (its position) for a result of analyze_many.
+        metadata: model, model_version, model_digest, device, torch_version, replica,
+            batch_size, precision, timings (decode_ms, forward_ms, backward_ms, collect_ms,
+            total_ms), bytes_received (tensor bytes that crossed the wire) and transport
+            ("stream", or "shared_memory" when the server wrote the tensors into a
+            SharedRegion); "item" (its position) for a result of analyze_many. model_version
+            names the version that computed the result.
         param_grads: parameter state-dict name -> gradient of the objective.
         topk_indices: target name -> flat positions of the entries a topk target kept.
         reductions: target name -> what the server reduced, for targets with a reduction.
@@ -112,10 +113,10 @@ class AttributionResult(ArrayResult):
     Attributes:
         attribution: the attribution, shaped like the input (input methods) or like the
             node (layer methods), batch first.
-        metadata: model, method, node (None for input methods), model_digest, device,
-            torch_version, captum_version, replica, seed (smoothgrad's noise seed; 0 for
-            other methods), internal_batch_size (rows per pass of integration steps; 0 for
-            other methods) and timings (compute_ms, total_ms).
+        metadata: model, model_version, method, node (None for input methods),
+            model_digest, device, torch_version, captum_version, replica, seed (smoothgrad's
+            noise seed; 0 for other methods), internal_batch_size (rows per pass of
+            integration steps; 0 for other methods) and timings (compute_ms, total_ms).
     """
 
     attribution: np.ndarray
@@ -159,8 +160,8 @@ class PerturbResult:
         losses: the objective at the start of each step, in order.
         objective_before: the objective at the unperturbed input.
         objective_after: the objective at the perturbed input.
-        metadata: model, method, model_digest, device, torch_version, replica, seed (of the
-            random start; 0 without one) and timings (total_ms).
+        metadata: model, model_version, method, model_digest, device, torch_version,
+            replica, seed (of the random start; 0 without one) and timings (total_ms).
     """
 
     adversarial: np.ndarray
@@ -182,7 +183,8 @@ class Aggregate:
         items: how many items it averages over.
         rows: how many batch rows (dimension 0 of the inputs) it averages over.
         loss: the mean of the items' losses (NaN without an objective).
-        metadata: model, model_digest, device, ... as Result.metadata has them.
+        metadata: model, model_version, model_digest, device, ... as Result.metadata has
+            them.
     """
 
     mean_gradients: dict[str, np.ndarray] = field(default_factory=dict)
@@ -194,12 +196,44 @@ class Aggregate:
 
 
 @dataclass(frozen=True)
+class ModelVersion:
+    """One version of a model.
+
+    Attributes:
+        version: e.g. "1" or "2024-06-01"; built-in models are version "1".
+        digest: "sha256:..." of its graph and weights; empty until it has loaded.
+        state: "LOADING", "READY", "FAILED" or "UNLOADING".
+        reason: why it FAILED; for a READY version, why its last reload failed.
+        source: "builtin", "repository" or "upload".
+    """
+
+    version: str
+    digest: str
+    state: str
+    reason: str = ""
+    source: str = ""
+
+
+@dataclass(frozen=True)
 class ModelInfo:
-    """A served model: its name, content digest and where it came from."""
+    """A served model: its name, content digest and where it came from (both those of its
+    default version), its versions, its default version and its state.
+
+    Attributes:
+        default_version: the version a call naming none gets: the newest READY one, unless
+            an operator pinned another.
+        versions: every version, in natural order ("10" after "9").
+        state: "READY" when its default version is; else "LOADING", "FAILED" (every
+            version failed: `reason` says why) or "UNLOADING".
+    """
 
     name: str
     digest: str
     source: str
+    default_version: str = ""
+    versions: tuple[ModelVersion, ...] = ()
+    state: str = ""
+    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -236,3 +270,7 @@ class ModelDescription:
     modules: dict[str, str]
     """module path -> the node producing its output."""
     parameters: list[str]
+    version: str = ""
+    """The version described: the one asked for, or the default."""
+    default_version: str = ""
+    versions: tuple[ModelVersion, ...] = ()

@@ -10,7 +10,7 @@ import grpc
 
 from gradtap.v1 import gradtap_pb2 as pb
 
-from . import _calls
+from . import _calls, _control
 from ._channel import Connection
 from ._closing import AsyncClosing
 from ._errors import GradtapError
@@ -106,7 +106,7 @@ class Client(Connection, AsyncClosing):
                 with attempts.attempt() as request:
                     rpc = self._invoke(call.method, request, call.timeout)
                     try:
-                        if call.method.kind == "unary_unary":
+                        if call.method.kind in ("unary_unary", "stream_unary"):
                             attempts.feed(await rpc)
                         else:
                             async for message in rpc:
@@ -124,3 +124,7 @@ class Client(Connection, AsyncClosing):
     analyze_many = _streamed(_calls.analyze_many)
     attribute = _call(_calls.attribute)
     perturb = _call(_calls.perturb)
+    load_model = _call(_control.load_model)
+    load_model_from_repository = _call(_control.load_model_from_repository)
+    unload_model = _call(_control.unload_model)
+    set_default_version = _call(_control.set_default_version)

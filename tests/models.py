@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import io
 from pathlib import Path
 
 import torch
@@ -89,3 +91,26 @@ def export_all(directory: Path) -> dict[str, nn.Module]:
     for name, program in programs.items():
         torch.export.save(program, directory / f"{name}.pt2")
     return modules
+
+
+class Scale(nn.Module):
+    """y = relu(x * w), every weight k: versions of one model whose outputs say which ran."""
+
+    def __init__(self, k: float, width: int = 4) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.full((width,), float(k)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x * self.w)
+
+
+@functools.cache
+def scale_archive(k: float, width: int = 4) -> bytes:
+    """The bytes of an exported Scale(k) archive, with a dynamic batch dimension."""
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = torch.export.export(
+        Scale(k, width).eval(), (torch.ones(2, width),), dynamic_shapes=({0: batch},)
+    )
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    return buffer.getvalue()

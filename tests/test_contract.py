@@ -12,7 +12,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 BUF = ROOT / "tools" / "node_modules" / ".bin" / "buf"
-GENERATED = ["gradtap_pb2.py", "gradtap_pb2.pyi", "gradtap_pb2_grpc.py", "gradtap_pb2_grpc.pyi"]
+GENERATED = [
+    f"{name}{suffix}"
+    for name in ("gradtap_pb2", "gradtap_pb2_grpc", "model_service_pb2", "model_service_pb2_grpc")
+    for suffix in (".py", ".pyi")
+]
 
 
 def test_generated_code_matches_the_proto(tmp_path: Path) -> None:

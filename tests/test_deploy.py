@@ -109,3 +109,21 @@ def test_the_service_is_headless_with_a_port_named_grpc(deployment: dict[str, An
 def test_kustomize_lists_both_manifests() -> None:
     kustomization = load("kustomization.yaml")
     assert sorted(kustomization["resources"]) == ["deployment.yaml", "service.yaml"]
+
+
+def test_the_model_versions_overlay_polls_and_probes_one_model() -> None:
+    overlay = K8S / "model-versions"
+    kustomization = next(YAML(typ="safe").load_all((overlay / "kustomization.yaml").read_text()))
+    assert kustomization["resources"] == ["../"]
+    (patch_path,) = [p["path"] for p in kustomization["patches"]]
+    patch = next(YAML(typ="safe").load_all((overlay / patch_path).read_text()))
+    assert patch["metadata"]["name"] == load("deployment.yaml")["metadata"]["name"]
+    (container,) = patch["spec"]["template"]["spec"]["containers"]
+    args = container["args"]
+    command = typer.main.get_command(cli.app)
+    serve = command.commands["serve"]  # type: ignore[attr-defined]
+    known = {opt for param in serve.params for opt in param.opts}
+    assert args[0] == "serve" and set(args[1::2]) <= known
+    assert dict(zip(args[1::2], args[2::2]))["--poll-repository"] == "10"
+    probe = container["readinessProbe"]["grpc"]
+    assert probe["port"] == 50051 and probe["service"].startswith("gradtap.v1.model/")

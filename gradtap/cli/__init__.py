@@ -20,7 +20,7 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 app.command()(serve.serve)
-app.command()(models.models)
+app.add_typer(models.models_app)
 app.command()(models.describe)
 app.command()(analyze.analyze)
 app.command("analyze-many")(analyze.analyze_many)

@@ -15,6 +15,7 @@ else:
 AttributionResult = gradtap_client.AttributionResult
 Client = gradtap_client.Client
 GradtapError = gradtap_client.GradtapError
+ModelInfo = gradtap_client.ModelInfo
 Objective = gradtap_client.Objective
 PerturbResult = gradtap_client.PerturbResult
 Result = gradtap_client.Result

@@ -31,6 +31,7 @@ from .options import (
     Inputs,
     InputSeed,
     Model,
+    ModelVersion,
     ObjectiveNode,
     ObjectiveOutput,
     ParamGrads,
@@ -102,7 +103,11 @@ def summary(result: Result, objective: Objective | None) -> str:
     )
     header = table(
         [
-            ["model", f"{meta.get('model', '?')} ({short_digest(meta.get('model_digest', ''))})"],
+            [
+                "model",
+                f"{meta.get('model', '?')} version {meta.get('model_version', '?')} "
+                f"({short_digest(meta.get('model_digest', ''))})",
+            ],
             ["device", str(meta.get("device", "?"))],
             ["objective", describe_objective(objective)],
             ["loss", "-" if objective is None else f"{result.loss:.6g}"],
@@ -124,6 +129,7 @@ def analyze(
     activations: Activations = False,
     param_grads: ParamGrads = None,
     precision: PrecisionOption = Precision.full,
+    version: ModelVersion = None,
     digest: Digest = None,
     out: Annotated[Path | None, out_option(OUT_KEYS)] = None,
     plot: Annotated[
@@ -176,6 +182,7 @@ def analyze(
             activations=activations,
             param_grads=param_grads,
             precision=precision,
+            version=version,
             digest=digest,
             address=address,
             token=token,
@@ -189,7 +196,7 @@ def analyze(
     if plot is not None and not (targets or input_grads):
         usage("there is nothing to draw: give --input-grads or a --target", "--plot")
     with connect(address, token, timeout) as client:
-        arrays = read_inputs(client, model, inputs, input_seed, digest)
+        arrays = read_inputs(client, model, inputs, input_seed, digest, version)
         try:
             result = client.analyze(
                 model,
@@ -199,6 +206,7 @@ def analyze(
                 input_grads=input_grads,
                 activations=activations,
                 param_grads=param_grads or (),
+                version=version,
                 digest=digest,
                 precision=precision.value,
             )
@@ -247,6 +255,7 @@ def analyze_many(
     activations: Activations = False,
     param_grads: ParamGrads = None,
     precision: PrecisionOption = Precision.full,
+    version: ModelVersion = None,
     digest: Digest = None,
     address: Address = DEFAULT_ADDRESS,
     token: Token = None,
@@ -279,6 +288,7 @@ def analyze_many(
             activations=activations,
             param_grads=param_grads or (),
             precision=precision.value,
+            version=version,
             digest=digest,
         )
     typer.echo(f"wrote {count} results to {out_dir}")
@@ -337,7 +347,9 @@ def analyze_dir(
     from tqdm import tqdm  # type: ignore[import-untyped]
 
     files = item_files(directory)
-    specs = client.describe(model, digest=options.get("digest")).inputs
+    specs = client.describe(
+        model, digest=options.get("digest"), version=options.get("version")
+    ).inputs
     out_dir.mkdir(parents=True, exist_ok=True)
 
     def items() -> Iterator[list[np.ndarray]]:

@@ -74,11 +74,12 @@ def read_inputs(
     paths: Sequence[Path] | None,
     input_seed: int | None,
     digest: str | None = None,
+    version: str | None = None,
 ) -> list[np.ndarray]:
     """The inputs of one call: the --input files, or seeded random inputs, each float input
     in the dtype the model takes."""
     arrays = [load_npy(path, "--input") for path in paths or []]
-    specs = client.describe(model, digest=digest).inputs
+    specs = client.describe(model, digest=digest, version=version).inputs
     if not arrays:
         arrays = random_inputs(specs, 0 if input_seed is None else input_seed)
     return matched_inputs(arrays, specs)

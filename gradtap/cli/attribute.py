@@ -19,6 +19,7 @@ from .options import (
     Inputs,
     InputSeed,
     Model,
+    ModelVersion,
     Timeout,
     Token,
     checked_out,
@@ -167,6 +168,7 @@ def attribute(
             help="The call's seed: smoothgrad's noise; without one the server draws it.",
         ),
     ] = None,
+    version: ModelVersion = None,
     digest: Digest = None,
     out: Annotated[Path | None, out_option("attribution")] = None,
     plot: Annotated[
@@ -213,7 +215,7 @@ def attribute(
         options["seed"] = seed
     checked_out(out)
     with connect(address, token, timeout) as client:
-        arrays = read_inputs(client, model, inputs, input_seed, digest)
+        arrays = read_inputs(client, model, inputs, input_seed, digest, version)
         try:
             result = client.attribute(
                 model,
@@ -222,6 +224,7 @@ def attribute(
                 index=parse_index(index_text, "--index"),
                 node=node,
                 output=output,
+                version=version,
                 digest=digest,
                 **options,
             )

@@ -3,6 +3,7 @@ stderr, usage errors naming the option."""
 
 from __future__ import annotations
 
+import re
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -106,6 +107,27 @@ Digest = Annotated[
     typer.Option(
         metavar="DIGEST",
         help="Fail unless the served model has this digest (sha256:..., see `gradtap models`).",
+    ),
+]
+VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+"""What a version may be (and it never holds ".."): the server's rule, checked before sending."""
+
+
+def checked_version(value: str | None) -> str | None:
+    """--version, when it is a version the server could have."""
+    if value is not None and (not VERSION.fullmatch(value) or ".." in value):
+        raise typer.BadParameter(f"a version matches {VERSION.pattern} without '..'")
+    return value
+
+
+ModelVersion = Annotated[
+    str | None,
+    typer.Option(
+        "--version",
+        metavar="VERSION",
+        callback=checked_version,
+        help="The model version to use (see `gradtap models`); without it, the default "
+        "version: the newest ready one, unless an operator pinned another.",
     ),
 ]
 PrecisionOption = Annotated[

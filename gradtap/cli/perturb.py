@@ -24,6 +24,7 @@ from .options import (
     Inputs,
     InputSeed,
     Model,
+    ModelVersion,
     ObjectiveNode,
     ObjectiveOutput,
     Timeout,
@@ -152,6 +153,7 @@ def perturb(
             help="0/1 array shaped like the input: which elements may move.",
         ),
     ] = None,
+    version: ModelVersion = None,
     digest: Digest = None,
     out: Annotated[
         Path | None,
@@ -190,7 +192,7 @@ def perturb(
     checked_out(out)
     mask_array = load_npy(mask, "--mask") if mask is not None else None
     with connect(address, token, timeout) as client:
-        arrays = read_inputs(client, model, inputs, input_seed, digest)
+        arrays = read_inputs(client, model, inputs, input_seed, digest, version)
         total = (steps or 0) if method == PerturbMethod.pgd else 1
         with progress(total, model) as on_step:
             result = client.perturb(
@@ -208,6 +210,7 @@ def perturb(
                 seed=seed,
                 mask=mask_array,
                 on_step=on_step,
+                version=version,
                 digest=digest,
             )
     show(result, arrays, norm if method == PerturbMethod.pgd else None)

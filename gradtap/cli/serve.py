@@ -160,6 +160,39 @@ def serve(
             "they created, instead of streamed (docs/shared-memory.md).",
         ),
     ] = False,
+    poll_repository: Annotated[
+        float | None,
+        typer.Option(
+            min=0.01,
+            metavar="SECONDS",
+            help="Look at --model-repository this often and load archives added or changed, "
+            "unload those removed; a version keeps serving until its replacement is READY.",
+        ),
+    ] = None,
+    model_control: Annotated[
+        bool,
+        typer.Option(
+            "--model-control",
+            help="Serve gradtap.v1.ModelService: load (also by upload), unload and pin model "
+            "versions at run time, for tokens holding @admin in --auth-token-file.",
+        ),
+    ] = False,
+    model_control_insecure: Annotated[
+        bool,
+        typer.Option(
+            "--model-control-insecure",
+            help="Allow --model-control without --auth-token-file: anyone who reaches the "
+            "port may load and unload models. Only on a trusted host.",
+        ),
+    ] = False,
+    max_upload_bytes: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            metavar="BYTES",
+            help="The largest archive a LoadModel upload may carry; it is held in memory.",
+        ),
+    ] = 1 << 30,
     otel: Annotated[
         bool,
         typer.Option(
@@ -172,7 +205,8 @@ def serve(
     """Run the server (needs the server extra, with torch).
 
     Serves the built-in seed models and any exported models in --model-repository until
-    SIGTERM or Ctrl-C, then drains the calls in flight within --grace seconds.
+    SIGTERM or Ctrl-C, then drains the calls in flight within --grace seconds. With
+    --poll-repository or --model-control, models come and go while it runs.
     """
     try:
         if TYPE_CHECKING:
@@ -183,8 +217,12 @@ def serve(
         typer.echo('gradtap serve needs the server extra: pip install "gradtap[server]"', err=True)
         typer.echo(f"  ({e})", err=True)
         raise typer.Exit(2) from None
-    if no_builtins and model_repository is None:
+    if no_builtins and model_repository is None and not model_control:
         usage("without the built-in models, name a --model-repository to serve", "--no-builtins")
+    if poll_repository is not None and model_repository is None:
+        usage("there is nothing to poll: name a --model-repository", "--poll-repository")
+    if model_control_insecure and not model_control:
+        usage("it only makes sense with --model-control", "--model-control-insecure")
     logging.basicConfig(
         level=logging.INFO,
         stream=sys.stderr,
@@ -216,6 +254,10 @@ def serve(
         max_result_bytes=max_result_bytes,
         shared_memory=shared_memory,
         tracing=otel,
+        model_control=model_control,
+        model_control_insecure=model_control_insecure,
+        max_upload_bytes=max_upload_bytes,
+        poll_repository=poll_repository,
     )
     bracketed = f"[{host}]" if ":" in host and not host.startswith("[") else host
     try:

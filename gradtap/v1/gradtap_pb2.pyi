@@ -173,6 +173,38 @@ LOSS_REDUCTION_SUM: LossReduction.ValueType  # 2
 """The sum over elements."""
 Global___LossReduction: _TypeAlias = LossReduction  # noqa: Y015
 
+class _ModelState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ModelStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ModelState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MODEL_STATE_UNSPECIFIED: _ModelState.ValueType  # 0
+    """Not set; never sent."""
+    MODEL_STATE_LOADING: _ModelState.ValueType  # 1
+    """Its archive is being read and checked; it serves no call yet."""
+    MODEL_STATE_READY: _ModelState.ValueType  # 2
+    """It serves calls."""
+    MODEL_STATE_FAILED: _ModelState.ValueType  # 3
+    """Its archive was refused; `reason` says why. It serves no call."""
+    MODEL_STATE_UNLOADING: _ModelState.ValueType  # 4
+    """It was unloaded: it takes no new call and goes once the calls running on it finish."""
+
+class ModelState(_ModelState, metaclass=_ModelStateEnumTypeWrapper):
+    """Where a version of a model is in its life."""
+
+MODEL_STATE_UNSPECIFIED: ModelState.ValueType  # 0
+"""Not set; never sent."""
+MODEL_STATE_LOADING: ModelState.ValueType  # 1
+"""Its archive is being read and checked; it serves no call yet."""
+MODEL_STATE_READY: ModelState.ValueType  # 2
+"""It serves calls."""
+MODEL_STATE_FAILED: ModelState.ValueType  # 3
+"""Its archive was refused; `reason` says why. It serves no call."""
+MODEL_STATE_UNLOADING: ModelState.ValueType  # 4
+"""It was unloaded: it takes no new call and goes once the calls running on it finish."""
+Global___ModelState: _TypeAlias = ModelState  # noqa: Y015
+
 class _Precision:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -505,27 +537,35 @@ Global___TensorSpec: _TypeAlias = TensorSpec  # noqa: Y015
 
 @_typing.final
 class Model(_message.Message):
-    """A reference to a served model."""
+    """A reference to a served model, and optionally to one of its versions."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
     DIGEST_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The model's name, as ListModels returns it: [A-Za-z0-9][A-Za-z0-9._-]{0,127}."""
     digest: _builtins.str
-    """Optional pin: "sha256:<hex>". When set, the call fails with FAILED_PRECONDITION unless
-    the served model has exactly this digest.
+    """Optional pin: "sha256:<hex>". With a version, the call fails with FAILED_PRECONDITION
+    unless that version has exactly this digest; without one, the version whose digest this
+    is serves the call (FAILED_PRECONDITION when none has it).
+    """
+    version: _builtins.str
+    """Optional version: [A-Za-z0-9][A-Za-z0-9._-]{0,63}, never containing "..". Unset, the
+    model's default version serves the call (the newest ready one, unless an operator
+    pinned another).
     """
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         digest: _builtins.str = ...,
+        version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "name", b"name", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -865,6 +905,50 @@ class ListModelsRequest(_message.Message):
 Global___ListModelsRequest: _TypeAlias = ListModelsRequest  # noqa: Y015
 
 @_typing.final
+class ModelVersionInfo(_message.Message):
+    """One version of a model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    DIGEST_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    version: _builtins.str
+    """The version: [A-Za-z0-9][A-Za-z0-9._-]{0,63}. Built-in models, and NAME.pt2 in a model
+    repository, are version "1".
+    """
+    digest: _builtins.str
+    """Content digest of the version's graph and weights: "sha256:<hex>"; empty until it has
+    loaded.
+    """
+    state: Global___ModelState.ValueType
+    """Where it is in its life."""
+    reason: _builtins.str
+    """Why it FAILED; for a READY version, why its last reload failed (it keeps serving the
+    archive it had); empty otherwise.
+    """
+    source: _builtins.str
+    """Where it came from: "builtin", "repository" or "upload"."""
+    def __init__(
+        self,
+        *,
+        version: _builtins.str = ...,
+        digest: _builtins.str = ...,
+        state: Global___ModelState.ValueType = ...,
+        reason: _builtins.str = ...,
+        source: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "reason", b"reason", "source", b"source", "state", b"state", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelVersionInfo: _TypeAlias = ModelVersionInfo  # noqa: Y015
+
+@_typing.final
 class ModelSummary(_message.Message):
     """A short description of a served model."""
 
@@ -873,22 +957,44 @@ class ModelSummary(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     DIGEST_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
+    DEFAULT_VERSION_FIELD_NUMBER: _builtins.int
+    VERSIONS_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The model's name."""
     digest: _builtins.str
-    """Content digest of the model: "sha256:<hex>"."""
+    """Content digest of the default version: "sha256:<hex>"."""
     source: _builtins.str
-    """Where it came from: "builtin" or "repository"."""
+    """Where the default version came from: "builtin", "repository" or "upload"."""
+    default_version: _builtins.str
+    """The version a call gets when it names none: the newest READY version, in natural order
+    ("10" after "9"), unless an operator pinned another.
+    """
+    state: Global___ModelState.ValueType
+    """The model's state: that of its default version when it is READY; else LOADING while a
+    version loads, FAILED when every version failed, UNLOADING while the last ones drain.
+    """
+    reason: _builtins.str
+    """Why the model FAILED (its newest version's reason); empty otherwise."""
+    @_builtins.property
+    def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelVersionInfo]:
+        """Every version, in natural order."""
+
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         digest: _builtins.str = ...,
         source: _builtins.str = ...,
+        default_version: _builtins.str = ...,
+        versions: _abc.Iterable[Global___ModelVersionInfo] | None = ...,
+        state: Global___ModelState.ValueType = ...,
+        reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "name", b"name", "source", b"source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_version", b"default_version", "digest", b"digest", "name", b"name", "reason", b"reason", "source", b"source", "state", b"state", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1020,6 +1126,7 @@ class DescribeModelResponse(_message.Message):
     NODES_FIELD_NUMBER: _builtins.int
     MODULES_FIELD_NUMBER: _builtins.int
     PARAMETERS_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def model(self) -> Global___ModelSummary:
         """The model's name and digest."""
@@ -1044,6 +1151,10 @@ class DescribeModelResponse(_message.Message):
     def parameters(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The state-dict names of the model's parameters."""
 
+    @_builtins.property
+    def version(self) -> Global___ModelVersionInfo:
+        """The version described: the one the request named, or the default."""
+
     def __init__(
         self,
         *,
@@ -1053,10 +1164,11 @@ class DescribeModelResponse(_message.Message):
         nodes: _abc.Iterable[Global___GraphNode] | None = ...,
         modules: _abc.Iterable[Global___ModuleOutput] | None = ...,
         parameters: _abc.Iterable[_builtins.str] | None = ...,
+        version: Global___ModelVersionInfo | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "version", b"version"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "model", b"model", "modules", b"modules", "nodes", b"nodes", "outputs", b"outputs", "parameters", b"parameters"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "model", b"model", "modules", b"modules", "nodes", b"nodes", "outputs", b"outputs", "parameters", b"parameters", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1360,6 +1472,7 @@ class AnalyzeSummary(_message.Message):
     TENSOR_COUNT_FIELD_NUMBER: _builtins.int
     BATCH_SIZE_FIELD_NUMBER: _builtins.int
     PRECISION_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
     loss: _builtins.float
     """The objective's value; NaN when no objective was given."""
     model_digest: _builtins.str
@@ -1378,6 +1491,8 @@ class AnalyzeSummary(_message.Message):
     """
     precision: _builtins.str
     """The arithmetic of the forward pass: "full" or "bfloat16-autocast"."""
+    model_version: _builtins.str
+    """The version of the model that ran (see model_digest for its content)."""
     @_builtins.property
     def timings(self) -> Global___Timings:
         """Where the time went."""
@@ -1394,10 +1509,11 @@ class AnalyzeSummary(_message.Message):
         tensor_count: _builtins.int = ...,
         batch_size: _builtins.int = ...,
         precision: _builtins.str = ...,
+        model_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timings", b"timings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "device", b"device", "loss", b"loss", "model_digest", b"model_digest", "precision", b"precision", "replica", b"replica", "tensor_count", b"tensor_count", "timings", b"timings", "torch_version", b"torch_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "device", b"device", "loss", b"loss", "model_digest", b"model_digest", "model_version", b"model_version", "precision", b"precision", "replica", b"replica", "tensor_count", b"tensor_count", "timings", b"timings", "torch_version", b"torch_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1642,6 +1758,7 @@ class AttributeSummary(_message.Message):
     INTERNAL_BATCH_SIZE_FIELD_NUMBER: _builtins.int
     COMPUTE_MS_FIELD_NUMBER: _builtins.int
     TOTAL_MS_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
     model_digest: _builtins.str
     """The digest of the model that ran: "sha256:<hex>"."""
     device: _builtins.str
@@ -1662,6 +1779,8 @@ class AttributeSummary(_message.Message):
     """Wall-clock time of the attribution itself, in milliseconds."""
     total_ms: _builtins.float
     """From request arrival until the result was ready to send, in milliseconds."""
+    model_version: _builtins.str
+    """The version of the model that ran (see model_digest for its content)."""
     def __init__(
         self,
         *,
@@ -1675,10 +1794,11 @@ class AttributeSummary(_message.Message):
         internal_batch_size: _builtins.int = ...,
         compute_ms: _builtins.float = ...,
         total_ms: _builtins.float = ...,
+        model_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["captum_version", b"captum_version", "compute_ms", b"compute_ms", "device", b"device", "internal_batch_size", b"internal_batch_size", "model_digest", b"model_digest", "replica", b"replica", "seed", b"seed", "tensor_count", b"tensor_count", "torch_version", b"torch_version", "total_ms", b"total_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["captum_version", b"captum_version", "compute_ms", b"compute_ms", "device", b"device", "internal_batch_size", b"internal_batch_size", "model_digest", b"model_digest", "model_version", b"model_version", "replica", b"replica", "seed", b"seed", "tensor_count", b"tensor_count", "torch_version", b"torch_version", "total_ms", b"total_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1869,6 +1989,7 @@ class PerturbSummary(_message.Message):
     TENSOR_COUNT_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
     TOTAL_MS_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
     objective_before: _builtins.float
     """The objective at the unperturbed input."""
     objective_after: _builtins.float
@@ -1887,6 +2008,8 @@ class PerturbSummary(_message.Message):
     """The seed of the random start; 0 without one."""
     total_ms: _builtins.float
     """From request arrival until the result was ready to send, in milliseconds."""
+    model_version: _builtins.str
+    """The version of the model that ran (see model_digest for its content)."""
     @_builtins.property
     def losses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """The objective at the start of every step, in order; the same values the progress
@@ -1906,10 +2029,11 @@ class PerturbSummary(_message.Message):
         tensor_count: _builtins.int = ...,
         seed: _builtins.int = ...,
         total_ms: _builtins.float = ...,
+        model_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "losses", b"losses", "model_digest", b"model_digest", "objective_after", b"objective_after", "objective_before", b"objective_before", "replica", b"replica", "seed", b"seed", "tensor_count", b"tensor_count", "torch_version", b"torch_version", "total_ms", b"total_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "losses", b"losses", "model_digest", b"model_digest", "model_version", b"model_version", "objective_after", b"objective_after", "objective_before", b"objective_before", "replica", b"replica", "seed", b"seed", "tensor_count", b"tensor_count", "torch_version", b"torch_version", "total_ms", b"total_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

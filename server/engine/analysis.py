@@ -128,7 +128,8 @@ class Engine:
         self._cuda = device.type == "cuda"
         self._lock = threading.Lock()
         self._variants = graph.Variants()
-        self._plans: dict[tuple[str, str], dict[tuple[Any, ...], _Plan]] = {}
+        self._plans: dict[int, dict[tuple[Any, ...], _Plan]] = {}
+        """Model.key -> request shape -> plan."""
 
     def analyze(self, model: Model, request: Analysis, should_stop: ShouldStop = never) -> Outcome:
         """Runs one forward and backward pass; raises RequestError subclasses on bad requests.
@@ -298,7 +299,7 @@ class Engine:
             tuple(request.param_grads),
             request.input_gradients,
         )
-        plans = self._plans.get((model.name, model.digest))
+        plans = self._plans.get(model.key)
         try:
             plan = plans.get(key) if plans is not None and key is not None else None
         except TypeError:  # an unhashable target (a reduction's dims in a list): plan anew
@@ -341,10 +342,17 @@ class Engine:
         )
         if key is not None:
             with self._lock:
-                plans = self._plans.setdefault((model.name, model.digest), {})
+                plans = self._plans.setdefault(model.key, {})
                 if len(plans) < PLANS_PER_MODEL:
                     plans.setdefault(key, plan)
         return plan
+
+    def forget(self, model: Model) -> None:
+        """Drops what the engine keeps for `model` (plans, graph variants): call it once no
+        call runs on the model any more, or it would be kept again."""
+        with self._lock:
+            self._plans.pop(model.key, None)
+        self._variants.forget(model)
 
     def _sync(self) -> None:
         if self._cuda:

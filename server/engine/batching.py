@@ -133,9 +133,10 @@ class Batcher:
         self.observe = observe
         self._lock = threading.Lock()
         self._queues: dict[tuple[Any, ...], _Queue] = {}
-        self._symbols: dict[str, str | None] = {}
+        self._symbols: dict[int, str | None] = {}
+        """Model.key -> its batch symbol, or None when it cannot be batched."""
         self._batched_sites: dict[tuple[Any, ...], bool] = {}
-        """(model, digest, target names, objective site) -> whether all carry the batch dim;
+        """(Model.key, target names, objective site) -> whether all carry the batch dim;
         only for names that resolve."""
         self._active = 0
         self._window = max(0.01, 5 * self.timeout)
@@ -146,7 +147,7 @@ class Batcher:
 
     def _symbol(self, model: Model) -> str | None:
         """The model's batch symbol, or None when it cannot be batched at all (cached)."""
-        key = f"{model.name}@{model.digest}"
+        key = model.key
         if key not in self._symbols:
             symbol = batch_symbol(model)
             if symbol is not None and (not model.batchable or mixes_samples(model, symbol)):
@@ -177,10 +178,10 @@ class Batcher:
                 return None
         targets = tuple((t.name, t.activation, t.gradient) for t in analysis.targets)
         site = None if objective is None else (objective.node, objective.output)
-        sites = (model.name, model.digest, tuple(name for name, _, _ in targets), site)
+        sites = (model.key, tuple(name for name, _, _ in targets), site)
         batched = self._batched_sites.get(sites)
         if batched is None:
-            batched = _batch_first(model, symbol, sites[2], site)
+            batched = _batch_first(model, symbol, sites[1], site)
             if batched is None:
                 return None
             if len(self._batched_sites) >= _SITES_KEPT:
@@ -189,8 +190,7 @@ class Batcher:
         if not batched:
             return None
         return (
-            model.name,
-            model.digest,
+            model.key,
             targets,
             None
             if objective is None
@@ -203,6 +203,12 @@ class Batcher:
             if objective is None or objective.tensor is None
             else (objective.tensor.dtype, tuple(objective.tensor.shape[1:])),
         )
+
+    def forget(self, model: Model) -> None:
+        """Drops the eligibility answers kept for `model`, once no call runs on it."""
+        self._symbols.pop(model.key, None)
+        for sites in [s for s in self._batched_sites if s[0] == model.key]:
+            self._batched_sites.pop(sites, None)
 
     # -- running ----------------------------------------------------------------------------
 

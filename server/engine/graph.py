@@ -52,7 +52,8 @@ class Variants:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._modules: dict[str, dict[tuple[str, ...], torch.fx.GraphModule]] = {}
+        self._modules: dict[int, dict[tuple[str, ...], torch.fx.GraphModule]] = {}
+        """Model.key -> captured nodes -> compiled variant."""
 
     def get(self, model: Model, captures: tuple[str, ...]) -> Callable[..., Any]:
         """The model's flat graph returning (user outputs..., captured nodes...).
@@ -63,7 +64,7 @@ class Variants:
         and numbers, and nothing left behind.
         """
         with self._lock:
-            cache = self._modules.setdefault(model.name, {})
+            cache = self._modules.setdefault(model.key, {})
             module = cache.get(captures)
             if module is not None:
                 return module
@@ -76,6 +77,13 @@ class Variants:
                 return cache[captures]
         release(module)
         return functools.partial(_interpreted, model, captures)
+
+    def forget(self, model: Model) -> None:
+        """Drops and releases the variants of `model`."""
+        with self._lock:
+            modules = self._modules.pop(model.key, {})
+        for module in modules.values():
+            release(module)
 
 
 def _compiled(model: Model, captures: tuple[str, ...]) -> torch.fx.GraphModule:

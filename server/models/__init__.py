@@ -1,5 +1,7 @@
 """Models: safe loading of archives, what a model is (and the questions asked of it), the
-built-in zoo and the registry. The bottom layer with torch: it imports only server/errors.py."""
+built-in zoo, versions, the registry that loads, serves and lets go of them, and the
+repository it reads and watches. The bottom layer with torch: it imports only
+server/errors.py."""
 
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ parameters a list of names picks (`param_positions`).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -76,6 +77,11 @@ class Model:
     """Nodes whose value depends on a floating-point user input (so carry its gradient)."""
     batchable: bool = True
     """False when the model opted out of dynamic batching (see engine/batching.py)."""
+    version: str = "1"
+    """Which version of the model this is (see registry.py)."""
+    key: int = field(default_factory=itertools.count(1).__next__)
+    """Unique to this loaded object: what the engine's caches are keyed by, so that a new
+    version (or the same one loaded again) never meets the graphs and weights of another."""
 
     def resolve(self, name: str) -> str | None:
         """The graph node a name means: a node name, else a module path's output."""
@@ -229,13 +235,17 @@ def _digest(program: ExportedProgram) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def prepare(name: str, source: str, program: ExportedProgram, device: torch.device) -> Model:
+def prepare(
+    name: str, source: str, program: ExportedProgram, device: torch.device, version: str = "1"
+) -> Model:
     """Indexes an exported program's graph and moves its weights to `device`."""
     graph = program.graph
     ranges = dict(program.range_constraints)
     signature = program.graph_signature
     placeholders = {n.name: n for n in graph.nodes if n.op == "placeholder"}
-    model = Model(name=name, source=source, program=program, digest=_digest(program))
+    model = Model(
+        name=name, source=source, program=program, digest=_digest(program), version=version
+    )
 
     for spec in signature.input_specs:
         node = placeholders[spec.arg.name]

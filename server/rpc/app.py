@@ -17,24 +17,34 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from gradtap.v1 import gradtap_pb2 as pb
+from gradtap.v1 import model_service_pb2 as ms
 
 from ..engine.analysis import Engine
 from ..engine.batching import Batcher
-from ..models.registry import Registry, load_repository
+from ..models.model import Model
+from ..models.registry import Registry
+from ..models.repository import Repository
+from ..models.versions import State
 from ..models.zoo import load_builtins
 from ..wire import shm
 from ..wire.frames import CHUNK_BYTES
 from ..wire.requests import Limits
 from . import tracing
 from .admission import Admission
-from .handlers import add_to_server
-from .observability import Observability, start_metrics
+from .control import ModelServicer
+from .handlers import add_service, add_to_server
+from .observability import ModelMetrics, Observability, start_metrics
 from .security import TokenAuth, server_credentials
 from .servicer import GradientServicer
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GradientService"].full_name
+CONTROL_SERVICE = ms.DESCRIPTOR.services_by_name["ModelService"]
+
+MODEL_HEALTH_PREFIX = "gradtap.v1.model/"
+"""Health reports each model under this prefix and its name: SERVING while its default
+version is READY."""
 
 CONNECTION_AGE_MS = 5 * 60 * 1000
 """How long a client connection lives before the server asks the client to reconnect."""
@@ -71,6 +81,13 @@ class Settings:
     batch_timeout_us: int = 2000
     # The same-host transport (wire/shm.py): off unless asked for.
     shared_memory: bool = False
+    # Models that come and go (docs/operations.md, "Managing models"): ModelService, off
+    # unless asked for, and only for tokens with @admin unless model_control_insecure.
+    model_control: bool = False
+    model_control_insecure: bool = False
+    max_upload_bytes: int = 1 << 30
+    # Watch the model repository every this many seconds (None: read it once, at start).
+    poll_repository: float | None = None
 
 
 def _interceptors(settings: Settings) -> list[grpc.ServerInterceptor]:
@@ -85,6 +102,25 @@ def _interceptors(settings: Settings) -> list[grpc.ServerInterceptor]:
         Admission(settings.max_concurrent_requests, settings.max_queue, settings.max_call_seconds)
     )
     return chain
+
+
+def _check_model_control(settings: Settings, interceptors: list[grpc.ServerInterceptor]) -> None:
+    """Model control needs tokens, one of them with @admin, unless explicitly insecure."""
+    if not settings.model_control:
+        return
+    if settings.max_upload_bytes < 1:
+        raise ValueError("--max-upload-bytes must be at least 1")
+    auth = next((i for i in interceptors if isinstance(i, TokenAuth)), None)
+    if auth is None and not settings.model_control_insecure:
+        raise ValueError(
+            "--model-control lets callers load and unload models: it needs --auth-token-file "
+            "with a token holding @admin (or, on a trusted host only, --model-control-insecure)"
+        )
+    if auth is not None and not auth.has_admin:
+        raise ValueError(
+            "--model-control: no token in --auth-token-file holds @admin, so every model "
+            "control call would be refused; add @admin to an operator's token"
+        )
 
 
 def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
@@ -123,6 +159,7 @@ class Running:
     batcher: Batcher | None = None
     servicer: GradientServicer | None = None
     admission: Admission | None = None
+    repository: Repository | None = None
 
     def set_serving(self, serving: bool) -> None:
         status = (
@@ -133,9 +170,23 @@ class Running:
         for service in ("", SERVICE_NAME):
             self.health.set(service, status)
 
+    def model_changed(self, name: str) -> None:
+        """Reports a model's readiness under its own health service name."""
+        status = self.registry.status(name)
+        serving = status is not None and status.state is State.READY
+        self.health.set(
+            MODEL_HEALTH_PREFIX + name,
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING,
+        )
+
     def drain(self, grace: float) -> None:
         """Turns health NOT_SERVING, refuses new calls and lets in-flight ones finish."""
         self.set_serving(False)
+        self.health.enter_graceful_shutdown()  # every model's service too, for good
+        if self.repository is not None:
+            self.repository.stop()
         self.server.stop(grace).wait()
         if self.servicer is not None:
             self.servicer.close()
@@ -157,11 +208,15 @@ def start(
     device = resolve_device(settings.device)
     if settings.shared_memory and not shm.DIRECTORY.is_dir():
         raise ValueError(f"--shared-memory needs {shm.DIRECTORY} (a Linux host)")
-    registry = Registry(device)
+    if settings.poll_repository is not None and settings.model_repository is None:
+        raise ValueError("--poll-repository needs --model-repository")
     engine = Engine(device)
+    registry = Registry(device)
     interceptors = _interceptors(settings)
+    _check_model_control(settings, interceptors)
     observability = next(i for i in interceptors if isinstance(i, Observability))
-    observability.known_model = lambda name: registry.get(name) is not None
+    observability.known_model = lambda name: registry.status(name) is not None
+    observability.registry.register(ModelMetrics(registry))
     # Admitted calls wait for a place on a server thread: they get threads of their own,
     # and max_workers stay free for health, ListModels and DescribeModel. grpcio refuses
     # calls past the pool (RESOURCE_EXHAUSTED) instead of queueing them without bound.
@@ -188,6 +243,17 @@ def start(
         timeout_us=settings.batch_timeout_us,
         observe=observability.observe_batch,
     )
+
+    def retired(model: Model) -> None:  # its last call ended: what was kept for it goes
+        engine.forget(model)
+        batcher.forget(model)
+
+    registry.on_retired = retired
+    repository = (
+        Repository(registry, settings.model_repository)
+        if settings.model_repository is not None
+        else None
+    )
     servicer = GradientServicer(
         registry,
         engine,
@@ -199,11 +265,14 @@ def start(
         batcher,
     )
     add_to_server(servicer, server)
+    services = [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME]
+    if settings.model_control:
+        control = ModelServicer(registry, repository, settings.max_upload_bytes)
+        add_service(control, server, CONTROL_SERVICE)
+        services.append(CONTROL_SERVICE.full_name)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    reflection.enable_server_reflection(services, server)
     credentials = credentials or _credentials(settings)
     if credentials is None:
         port = server.add_insecure_port(address)
@@ -219,7 +288,9 @@ def start(
         batcher=batcher,
         servicer=servicer,
         admission=next(i for i in interceptors if isinstance(i, Admission)),
+        repository=repository,
     )
+    registry.on_change = running.model_changed
     if settings.metrics_port is not None:
         running.metrics_server = start_metrics(
             settings.metrics_port, settings.metrics_host, observability.registry
@@ -230,10 +301,12 @@ def start(
     try:
         if settings.builtins:
             load_builtins(registry)
-        if settings.model_repository is not None:
-            refused = load_repository(registry, settings.model_repository)
+        if repository is not None:
+            refused = repository.load_all()
             if refused:
                 log.error("refused %d model archive(s): %s", len(refused), ", ".join(refused))
+            if settings.poll_repository is not None:
+                repository.watch(settings.poll_repository)
     except BaseException:
         server.stop(None)
         raise

@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 from google.protobuf import message_factory
+from google.protobuf.descriptor import ServiceDescriptor
 
 from gradtap.v1 import gradtap_pb2 as pb
 from gradtap.v1 import gradtap_pb2_grpc as pb_grpc
@@ -54,7 +55,12 @@ def add_to_server(servicer: pb_grpc.GradientServiceServicer, server: grpc.Server
     pre-encoded bytes (see wire/frames.py, encode_chunk), which spares a copy of every
     tensor chunk; and requests that do not parse reach the servicer (see status.lenient).
     """
-    service = pb.DESCRIPTOR.services_by_name["GradientService"]
+    add_service(servicer, server, pb.DESCRIPTOR.services_by_name["GradientService"])
+
+
+def add_service(servicer: Any, server: grpc.Server, service: ServiceDescriptor) -> None:
+    """Registers every RPC of `service` on `servicer`'s methods of the same names, with
+    lenient request parsing and pre-encoded responses allowed (see add_to_server)."""
     handlers = {}
     for method in service.methods:
         request_type = message_factory.GetMessageClass(method.input_type)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import re
@@ -9,7 +10,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 from wsgiref.simple_server import WSGIServer
@@ -17,8 +18,10 @@ from wsgiref.simple_server import WSGIServer
 import grpc
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from ..models.registry import Registry
+from ..models.versions import State
 from .handlers import behaviour_of, same_kind
 
 request_log = logging.getLogger("gradtap.requests")
@@ -27,6 +30,9 @@ REQUEST_ID_KEY = "x-request-id"
 REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 UNKNOWN_MODEL = "(unknown)"
 """The model label of calls that name no served model: a caller cannot mint label values."""
+
+AUDITED_PREFIX = "gradtap.v1.ModelService/"
+"""Calls whose log line carries an audit record: every model-control call, refused or not."""
 
 # Probes poll these every few seconds; their log lines go out at DEBUG, not INFO.
 _QUIET_PREFIXES = ("grpc.health.v1.Health/",)
@@ -113,6 +119,50 @@ class CudaMemory:
         )
 
 
+class ModelMetrics:
+    """The registry's numbers, read at scrape time: loads by result, versions by state and
+    calls routed to each version."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families()
+
+    def collect(self) -> Iterable[Metric]:
+        loads, versions, calls = self._families()
+        loaded, served = self.registry.counts()
+        for (model, source, result), count in sorted(loaded.items()):
+            loads.add_metric([model, source, result], count)
+        for status in self.registry.statuses():
+            states = collections.Counter(v.state for v in status.versions)
+            for state in State:
+                versions.add_metric([status.name, state.value], states[state])
+        for (model, version), count in sorted(served.items()):
+            calls.add_metric([model, version], count)
+        return loads, versions, calls
+
+    @staticmethod
+    def _families() -> tuple[CounterMetricFamily, GaugeMetricFamily, CounterMetricFamily]:
+        return (
+            CounterMetricFamily(
+                "gradtap_model_loads",
+                "Finished loads of a model version, by source and result (ready or failed).",
+                labels=["model", "source", "result"],
+            ),
+            GaugeMetricFamily(
+                "gradtap_model_versions",
+                "Versions of each model in each state (LOADING, READY, FAILED, UNLOADING).",
+                labels=["model", "state"],
+            ),
+            CounterMetricFamily(
+                "gradtap_model_version_calls",
+                "Calls routed to each version of a model (while the version is loaded).",
+                labels=["model", "version"],
+            ),
+        )
+
+
 @dataclass
 class _Call:
     """What the interceptor learns about one call while it runs."""
@@ -124,6 +174,8 @@ class _Call:
     queued: float = 0.0
     bytes_sent: int = 0
     code: grpc.StatusCode = grpc.StatusCode.OK
+    audit: dict[str, Any] = field(default_factory=dict)
+    """What a model-control call did and who asked (see `audit`)."""
 
 
 _current: ContextVar[_Call | None] = ContextVar("gradtap_current_call", default=None)
@@ -139,6 +191,17 @@ def observe_queue(seconds: float) -> None:
     call = _current.get()
     if call is not None:
         call.queued += seconds
+
+
+def audit(**facts: Any) -> None:
+    """Adds facts to the running call's audit record (model control: who, what, result),
+    which its request log line carries as "audit". A "model" fact is also the call's model.
+    Outside a call it does nothing."""
+    call = _current.get()
+    if call is not None:
+        call.audit.update(facts)
+        if isinstance(facts.get("model"), str):
+            call.model = facts["model"]
 
 
 def request_id_from(metadata: Iterable[tuple[str, Any]] | None) -> str:
@@ -276,6 +339,9 @@ class Observability(grpc.ServerInterceptor):  # type: ignore[misc]
             "bytes_sent": call.bytes_sent,
             "peer": context.peer(),
         }
+        if call.rpc.startswith(AUDITED_PREFIX):
+            record = {"caller": "anonymous", "action": call.rpc.rsplit("/", 1)[1]}
+            line["audit"] = {**record, **call.audit}
         level = logging.DEBUG if call.rpc.startswith(_QUIET_PREFIXES) else logging.INFO
         request_log.log(level, json.dumps(line, separators=(",", ":")))
 

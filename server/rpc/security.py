@@ -8,9 +8,15 @@ by whitespace and a comma-separated allow-list of the models it may use:
     3f9c2a7e0b5d4e1f8a6c
     # This one only seed-mlp and seed-convnet:
     b71d0e9c44a2f6583e1a seed-mlp,seed-convnet
+    # This one may also load, unload and pin model versions (ModelService):
+    0c5e8a1f93d27b64e0aa @admin
+
+An entry starting with "@" is a scope, not a model: `@admin` lets the token call ModelService
+(model control), which no other token may. A list of scopes only restricts no model.
 
 A token is printable ASCII without whitespace. Only SHA-256 hashes of the tokens are kept, and
-compared in constant time; no token is ever logged or sent back to a caller.
+compared in constant time; no token is ever logged or sent back to a caller. Audit records
+name a token by the first 12 hex digits of its SHA-256 and its line in the file.
 """
 
 from __future__ import annotations
@@ -28,14 +34,20 @@ from grpc_health.v1 import health
 from grpc_reflection.v1alpha import reflection
 
 from gradtap.v1 import gradtap_pb2 as pb
+from gradtap.v1 import model_service_pb2 as ms
 
 from ..errors import PermissionDenied, RequestError, Unauthenticated
-from ..models.registry import MODEL_NAME
+from ..models.versions import MODEL_NAME
 from .handlers import behaviour_of, same_kind
+from .observability import audit
 from .status import status_for
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["GradientService"].full_name
 _LIST_MODELS = f"/{_SERVICE}/ListModels"
+CONTROL_SERVICE = ms.DESCRIPTOR.services_by_name["ModelService"].full_name
+ADMIN = "@admin"
+SCOPES = frozenset((ADMIN,))
+"""The scopes a token file may grant."""
 
 # Services that answer without a token: load balancers and tools must reach them.
 _OPEN_SERVICES = frozenset(
@@ -62,14 +74,25 @@ def _digest(token: str) -> bytes:
 
 @dataclass(frozen=True)
 class Grant:
-    """What one token may do: every model when `models` is None, else only those named."""
+    """What one token may do: every model when `models` is None, else only those named;
+    model control with the scope @admin."""
 
     digest: bytes = field(repr=False)
     models: frozenset[str] | None
     line: int
+    scopes: frozenset[str] = frozenset()
 
     def allows(self, model: str) -> bool:
         return self.models is None or model in self.models
+
+    @property
+    def admin(self) -> bool:
+        return ADMIN in self.scopes
+
+    @property
+    def caller(self) -> dict[str, Any]:
+        """Who the token is, for an audit record: never the token itself."""
+        return {"caller": "sha256:" + self.digest.hex()[:12], "token_line": self.line}
 
 
 def parse_tokens(text: str, source: str = "token file") -> list[Grant]:
@@ -88,21 +111,24 @@ def parse_tokens(text: str, source: str = "token file") -> list[Grant]:
         if not _TOKEN.fullmatch(token):
             raise ValueError(f"{source} line {number}: a token must be printable ASCII")
         models: frozenset[str] | None = None
+        scopes: frozenset[str] = frozenset()
         if rest.strip():
             names = [name.strip() for name in rest.split(",")]
             for position, name in enumerate(names, start=1):
                 # The entry is not quoted: a misplaced token must not reach a log.
-                if not MODEL_NAME.fullmatch(name):
+                if not MODEL_NAME.fullmatch(name) and name not in SCOPES:
                     raise ValueError(
                         f"{source} line {number}: expected 'TOKEN' or 'TOKEN model-a,model-b'; "
-                        f"allow-list entry {position} is not a model name"
+                        f"allow-list entry {position} is not a model name or "
+                        f"{' or '.join(sorted(SCOPES))}"
                     )
-            models = frozenset(names)
+            scopes = frozenset(n for n in names if n in SCOPES)
+            models = frozenset(n for n in names if n not in SCOPES) or None
         digest = _digest(token)
         for earlier in grants:
             if hmac.compare_digest(earlier.digest, digest):
                 raise ValueError(f"{source} line {number} repeats the token of line {earlier.line}")
-        grants.append(Grant(digest=digest, models=models, line=number))
+        grants.append(Grant(digest=digest, models=models, line=number, scopes=scopes))
     if not grants:
         raise ValueError(f"{source} holds no token: every call would be refused")
     return grants
@@ -138,6 +164,11 @@ class TokenAuth(grpc.ServerInterceptor):  # type: ignore[misc]
 
     def __init__(self, grants: Sequence[Grant]) -> None:
         self._grants = tuple(grants)
+
+    @property
+    def has_admin(self) -> bool:
+        """Whether any token may call ModelService."""
+        return any(grant.admin for grant in self._grants)
 
     @classmethod
     def from_file(cls, path: Path) -> TokenAuth:
@@ -176,12 +207,34 @@ class TokenAuth(grpc.ServerInterceptor):  # type: ignore[misc]
         if handler is None or method.lstrip("/").split("/", 1)[0] in _OPEN_SERVICES:
             return handler
         grant = self.grant(handler_call_details.invocation_metadata)
+        if method.startswith(f"/{CONTROL_SERVICE}/"):
+            return _control(handler, grant)
         if isinstance(grant, RequestError):
             return _refused(handler, grant)
         if grant.models is None:
             return handler
         respond = _only(grant.models) if method == _LIST_MODELS else None
         return _guarded(handler, _model_check(grant), respond)
+
+
+def _control(handler: grpc.RpcMethodHandler, grant: Grant | RequestError) -> grpc.RpcMethodHandler:
+    """A model-control call: only a token with @admin; the caller goes in its audit record."""
+    if isinstance(grant, RequestError):
+        return _refused(handler, grant, {"caller": "no valid token"})
+    if not grant.admin:
+        denied = PermissionDenied(
+            f"model control needs a token with the scope {ADMIN} (token file line {grant.line} "
+            "has none)",
+            reason="ADMIN_REQUIRED",
+        )
+        return _refused(handler, denied, grant.caller)
+    behaviour = behaviour_of(handler)
+
+    def audited(request_or_requests: Any, context: grpc.ServicerContext) -> Any:
+        audit(**grant.caller)
+        return behaviour(request_or_requests, context)
+
+    return same_kind(handler, audited)
 
 
 def _model_check(grant: Grant) -> Check:
@@ -214,10 +267,15 @@ def _abort(context: grpc.ServicerContext, error: RequestError) -> NoReturn:
     raise AssertionError("abort_with_status returns only by raising")
 
 
-def _refused(handler: grpc.RpcMethodHandler, error: RequestError) -> grpc.RpcMethodHandler:
-    """A handler of the same kind that ends every call with `error`, before reading requests."""
+def _refused(
+    handler: grpc.RpcMethodHandler, error: RequestError, facts: dict[str, Any] | None = None
+) -> grpc.RpcMethodHandler:
+    """A handler of the same kind that ends every call with `error`, before reading requests;
+    `facts` go into the call's audit record."""
 
     def refuse(request_or_requests: Any, context: grpc.ServicerContext) -> Any:
+        if facts:
+            audit(**facts)
         _abort(context, error)
 
     return same_kind(handler, refuse)

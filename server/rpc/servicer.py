@@ -68,31 +68,41 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
     def DescribeModel(
         self, request: pb.DescribeModelRequest, context: grpc.ServicerContext
     ) -> pb.DescribeModelResponse:
-        return responses.description(requests.model(self.registry, request.model))
+        with requests.model(self.registry, request.model) as model:
+            return responses.description(model, self.registry.status(model.name))
 
     @status_mapped
     def Analyze(
         self, request: pb.AnalyzeRequest, context: grpc.ServicerContext
     ) -> Iterator[Any]:  # messages, or pre-encoded chunk messages (bytes)
         started = time.perf_counter()
-        model = requests.model(self.registry, request.model)
-        call = requests.analyze(request, model, self.limits, peer=context.peer)
-        opened = shm.opened(call.region) if call.region is not None else contextlib.nullcontext()
-        with opened as region:
-            decoded = time.perf_counter()
-            with deadline.time_limit(context) as should_stop:
-                outcome = self.run(model, call.analysis, should_stop=should_stop)
-            self._releaser.free_after_call(context, outcome)
-            summary = responses.analyze_summary(outcome, model, self.replica, started, decoded)
-            if region is not None:
-                yield responses.written(outcome, region, summary)
-                return
-        yield from responses.analyze_stream(outcome, summary)
+        with requests.model(self.registry, request.model) as model:
+            call = requests.analyze(request, model, self.limits, peer=context.peer)
+            opened = shm.opened(call.region) if call.region else contextlib.nullcontext()
+            with opened as region:
+                decoded = time.perf_counter()
+                with deadline.time_limit(context) as should_stop:
+                    outcome = self.run(model, call.analysis, should_stop=should_stop)
+                self._releaser.free_after_call(context, outcome)
+                summary = responses.analyze_summary(outcome, model, self.replica, started, decoded)
+                if region is not None:
+                    yield responses.written(outcome, region, summary)
+                    return
+            yield from responses.analyze_stream(outcome, summary)
 
     @status_mapped
     def AnalyzeMany(
         self, items: Iterator[pb.AnalyzeManyRequest], context: grpc.ServicerContext
     ) -> Iterator[Any]:  # messages, or pre-encoded chunk messages (bytes)
+        with contextlib.ExitStack() as holding:  # the first item's model, for every item
+            yield from self._many(items, context, holding)
+
+    def _many(
+        self,
+        items: Iterator[pb.AnalyzeManyRequest],
+        context: grpc.ServicerContext,
+        holding: contextlib.ExitStack,
+    ) -> Iterator[Any]:
         stream_started = time.perf_counter()
         omit = False
         aggregator: Aggregator | None = None
@@ -105,8 +115,10 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
                 omit = options.omit_items
                 aggregator = Aggregator() if options.aggregate else None
             with requests.item(k):
-                model, analysis = requests.many_item(
-                    request, self.registry, model, self.limits, aggregate=aggregator is not None
+                if model is None:
+                    model = holding.enter_context(requests.model(self.registry, request.item.model))
+                analysis = requests.many_item(
+                    request, model, self.limits, aggregate=aggregator is not None
                 )
                 decoded = time.perf_counter()
                 outcome = self.engine.analyze(
@@ -128,21 +140,21 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         self, request: pb.AttributeRequest, context: grpc.ServicerContext
     ) -> Iterator[Any]:  # messages, or pre-encoded chunk messages (bytes)
         started = time.perf_counter()
-        model = requests.model(self.registry, request.model)
-        attribution = requests.attribution(request, model, self.limits)
-        outcome = attribute(
-            self.engine.device, model, attribution, should_stop=lambda: not context.is_active()
-        )
-        yield from responses.attribute_stream(outcome, model, self.replica, started)
+        with requests.model(self.registry, request.model) as model:
+            attribution = requests.attribution(request, model, self.limits)
+            outcome = attribute(
+                self.engine.device, model, attribution, should_stop=lambda: not context.is_active()
+            )
+            yield from responses.attribute_stream(outcome, model, self.replica, started)
 
     @status_mapped
     def Perturb(
         self, request: pb.PerturbRequest, context: grpc.ServicerContext
     ) -> Iterator[Any]:  # messages, or pre-encoded chunk messages (bytes)
         started = time.perf_counter()
-        model = requests.model(self.registry, request.model)
-        perturbation = requests.perturbation(request, model, self.limits)
-        steps = perturb(
-            self.engine, model, perturbation, should_stop=lambda: not context.is_active()
-        )
-        yield from responses.perturb_stream(steps, model, self.replica, started)
+        with requests.model(self.registry, request.model) as model:
+            perturbation = requests.perturbation(request, model, self.limits)
+            steps = perturb(
+                self.engine, model, perturbation, should_stop=lambda: not context.is_active()
+            )
+            yield from responses.perturb_stream(steps, model, self.replica, started)

@@ -144,6 +144,8 @@ def status_mapped(method: F) -> F:
     @functools.wraps(method)
     def unary(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
         try:
+            if isinstance(request, Iterator):
+                request = _parsed_stream(request)
             return method(self, _parsed(request), context)
         except Exception as e:  # noqa: BLE001 - mapped to a status right here
             abort(context, e)

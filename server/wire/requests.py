@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 
 from google.protobuf.message import Message
@@ -26,9 +27,10 @@ from ..engine.analysis import Analysis, Target
 from ..engine.attribution import Attribution
 from ..engine.objectives import LossReduction, Objective
 from ..engine.reduce import Reduction
-from ..errors import FailedPrecondition, InvalidArgument, NotFound, RequestError
+from ..errors import InvalidArgument, RequestError
 from ..models.model import Model
-from ..models.registry import MODEL_NAME, Registry
+from ..models.registry import Registry
+from ..models.versions import MODEL_NAME, VERSION, valid_version
 from . import names, shm
 from .tensors import copied, declared
 
@@ -59,8 +61,10 @@ _AUTOCAST = {
 """Precision -> whether the forward pass runs under bfloat16 autocast."""
 
 
-def model(registry: Registry, ref: pb.Model) -> Model:
-    """The served model a request names, at the digest it pins (if it pins one)."""
+def model(registry: Registry, ref: pb.Model) -> AbstractContextManager[Model]:
+    """The served model a request names: the version it names, or the one whose digest it
+    pins, or the default. Held (see Registry.use) until the `with` block ends: a version
+    replaced or unloaded meanwhile finishes this call."""
     if not ref.name:
         raise InvalidArgument("model.name is required", reason="MISSING_MODEL", field="model.name")
     if not MODEL_NAME.fullmatch(ref.name):
@@ -69,16 +73,13 @@ def model(registry: Registry, ref: pb.Model) -> Model:
             reason="BAD_MODEL_NAME",
             field="model.name",
         )
-    found = registry.get(ref.name)
-    if found is None:
-        raise NotFound(f"no model named {ref.name!r}", reason="MODEL_NOT_FOUND", field="model.name")
-    if ref.digest and ref.digest != found.digest:
-        raise FailedPrecondition(
-            f"model {ref.name!r} has digest {found.digest}, not the pinned {ref.digest[:80]}",
-            reason="DIGEST_MISMATCH",
-            field="model.digest",
+    if ref.version and not valid_version(ref.version):
+        raise InvalidArgument(
+            f"model.version must match {VERSION.pattern} without '..'",
+            reason="BAD_MODEL_VERSION",
+            field="model.version",
         )
-    return found
+    return registry.use(ref.name, ref.version, ref.digest)
 
 
 # -- Analyze and AnalyzeMany ------------------------------------------------------------------
@@ -124,27 +125,29 @@ def many_options(first: pb.AnalyzeManyRequest) -> pb.AnalyzeManyOptions:
 
 
 def many_item(
-    request: pb.AnalyzeManyRequest,
-    registry: Registry,
-    first: Model | None,
-    limits: Limits,
-    aggregate: bool,
-) -> tuple[Model, Analysis]:
-    """One item of an AnalyzeMany stream: its model (that of the first item) and analysis.
+    request: pb.AnalyzeManyRequest, served: Model, limits: Limits, aggregate: bool
+) -> Analysis:
+    """One item of an AnalyzeMany stream, for the model the first item named (the servicer
+    holds it for the whole stream, so every item runs on the same version).
 
     Errors name the field inside the item; `item` adds the item's position.
     """
-    served = model(registry, request.item.model)
-    if first is not None and served is not first:
+    ref = request.item.model
+    if (
+        ref.name != served.name
+        or (ref.version and ref.version != served.version)
+        or (ref.digest and ref.digest != served.digest)
+    ):
         raise InvalidArgument(
-            f"every item must name the model of the first, {first.name!r}",
+            f"every item must name the model of the first, {served.name!r} version "
+            f"{served.version!r}",
             reason="MODEL_CHANGED",
             field="model.name",
         )
     checked = _Checked.of(request.item, served, limits)
     if aggregate:
         Aggregator.check(checked.analysis)
-    return served, checked.decoded()
+    return checked.decoded()
 
 
 @contextlib.contextmanager

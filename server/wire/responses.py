@@ -22,6 +22,7 @@ from ..engine.analysis import Collected, Outcome, Role
 from ..engine.attribution import CAPTUM_VERSION, Attributed
 from ..models.model import Model, Spec
 from ..models.registry import Registry
+from ..models.versions import ModelStatus, State, VersionStatus
 from . import shm
 from .frames import frames, header, on_host
 from .names import WIRE_DTYPES
@@ -37,14 +38,60 @@ def _ms_since(t: float) -> float:
 
 
 def model_list(registry: Registry) -> pb.ListModelsResponse:
-    """Every served model."""
-    return pb.ListModelsResponse(models=[_summary(m) for m in registry])
+    """Every model, with every version, failed ones included."""
+    return pb.ListModelsResponse(models=[model_summary(s) for s in registry.statuses()])
 
 
-def description(model: Model) -> pb.DescribeModelResponse:
-    """A model's inputs, outputs, nodes, modules and parameters."""
+MODEL_STATES = {
+    State.LOADING: pb.MODEL_STATE_LOADING,
+    State.READY: pb.MODEL_STATE_READY,
+    State.FAILED: pb.MODEL_STATE_FAILED,
+    State.UNLOADING: pb.MODEL_STATE_UNLOADING,
+}
+
+
+def version_info(v: VersionStatus) -> pb.ModelVersionInfo:
+    """One version, its state and (for a failure) its reason."""
+    return pb.ModelVersionInfo(
+        version=v.version,
+        digest=v.digest,
+        state=MODEL_STATES[v.state],
+        reason=v.reason,
+        source=v.source,
+    )
+
+
+def model_summary(status: ModelStatus) -> pb.ModelSummary:
+    """A model with its versions; digest and source are its default version's."""
+    default = status.default
+    newest = status.versions[-1] if status.versions else None
+    shown = default if default is not None else newest
+    return pb.ModelSummary(
+        name=status.name,
+        digest=default.digest if default is not None else "",
+        source=shown.source if shown is not None else "",
+        default_version=status.default_version,
+        versions=[version_info(v) for v in status.versions],
+        state=MODEL_STATES[status.state],
+        reason=status.reason,
+    )
+
+
+def description(model: Model, status: ModelStatus | None) -> pb.DescribeModelResponse:
+    """A version's inputs, outputs, nodes, modules and parameters, and the model's versions."""
+    summary = (
+        model_summary(status)
+        if status is not None
+        else pb.ModelSummary(name=model.name, digest=model.digest, source=model.source)
+    )
     return pb.DescribeModelResponse(
-        model=_summary(model),
+        model=summary,
+        version=pb.ModelVersionInfo(
+            version=model.version,
+            digest=model.digest,
+            state=pb.MODEL_STATE_READY,
+            source=model.source,
+        ),
         inputs=[_spec(s) for s in model.inputs],
         outputs=[_spec(s) for s in model.outputs],
         nodes=[
@@ -57,10 +104,6 @@ def description(model: Model) -> pb.DescribeModelResponse:
         ],
         parameters=[name for name, _, is_param in model.state if is_param],
     )
-
-
-def _summary(model: Model) -> pb.ModelSummary:
-    return pb.ModelSummary(name=model.name, digest=model.digest, source=model.source)
 
 
 def _spec(spec: Spec) -> pb.TensorSpec:
@@ -96,6 +139,7 @@ def analyze_summary(
         tensor_count=len(outcome.tensors),
         batch_size=outcome.batch_size,
         precision=outcome.precision,
+        model_version=model.version,
     )
 
 
@@ -154,6 +198,7 @@ def many_aggregate(
         tensor_count=len(tensors),
         batch_size=1,
         precision=precision,
+        model_version=model.version,
     )
     first = pb.AnalyzeManyResponse(
         index=aggregator.items,
@@ -193,6 +238,7 @@ def attribute_stream(
         internal_batch_size=outcome.internal_batch_size,
         compute_ms=outcome.compute_ms,
         total_ms=_ms_since(started),
+        model_version=model.version,
     )
     tensors = _single(Role.ATTRIBUTION, outcome.index, outcome.tensor)
     first = pb.AttributeResponse(header=header(tensors))
@@ -224,6 +270,7 @@ def _perturb_result(
         tensor_count=1,
         seed=result.seed,
         total_ms=_ms_since(started),
+        model_version=model.version,
     )
     tensors = _single(Role.ADVERSARIAL, result.index, result.adversarial)
     first = pb.PerturbResponse(header=header(tensors))

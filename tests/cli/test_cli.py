@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -41,24 +42,25 @@ def test_every_subcommand_has_help(command: str) -> None:
     assert f"Usage: gradtap {command}".rstrip() in result.stdout
 
 
-def test_models_lists_the_seed_models_with_source_and_digest(address: str) -> None:
+def test_models_lists_each_version_with_state_source_and_digest(address: str) -> None:
     result = gradtap("models", "--address", address)
     assert result.returncode == 0, result.stderr
-    lines = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()[1:]}
+    header, *rows = result.stdout.splitlines()
+    assert header.split() == ["NAME", "VERSION", "STATE", "SOURCE", "DIGEST", "REASON"]
+    lines = {line.split()[0]: line.split()[1:] for line in rows}
     with Client(address) as client:
         served = {m.name: m for m in client.list_models()}
     for name in ("seed-encoder", "seed-convnet", "seed-mlp"):
-        assert lines[name] == ["builtin", served[name].digest]
+        assert lines[name] == ["1*", "READY", "builtin", served[name].digest]
 
 
 def test_models_json_matches_the_client(address: str) -> None:
     result = gradtap("models", "--json", "--address", address)
     assert result.returncode == 0, result.stderr
     with Client(address) as client:
-        expected = [
-            {"name": m.name, "digest": m.digest, "source": m.source} for m in client.list_models()
-        ]
-    assert json.loads(result.stdout) == expected
+        expected = [dataclasses.asdict(m) for m in client.list_models()]
+    assert json.loads(result.stdout) == json.loads(json.dumps(expected))
+    assert {"default_version", "versions", "state", "reason"} <= set(expected[0])
 
 
 def test_address_comes_from_the_environment(address: str) -> None:

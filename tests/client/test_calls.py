@@ -131,6 +131,7 @@ def test_attribute_returns_its_summary_in_the_metadata(client: Client) -> None:
     assert meta["model"] == "seed-convnet" and meta["method"] == "integrated_gradients"
     assert meta["node"] is None
     assert meta["model_digest"] == client.describe("seed-convnet").digest
+    assert meta["model_version"] == "1"  # the built-in models' one version
     assert meta["device"] == "cpu" and meta["torch_version"] and meta["captum_version"]
     assert meta["replica"] and meta["seed"] == 0 and meta["internal_batch_size"] >= 1
     assert set(meta["timings"]) == {"compute_ms", "total_ms"}
@@ -141,7 +142,8 @@ def test_perturb_metadata_keeps_timings_as_every_result_does(client: Client) -> 
     x = np.random.default_rng(5).standard_normal((1, 784)).astype(np.float32)
     r = client.perturb("seed-mlp", x, "fgsm", Objective.logit(1), epsilon=0.01)
     assert set(r.metadata) == {
-        "model", "method", "model_digest", "device", "torch_version", "replica", "seed",
-        "timings",
+        "model", "model_version", "method", "model_digest", "device", "torch_version",
+        "replica", "seed", "timings",
     }  # fmt: skip
+    assert r.metadata["model_version"] == "1"
     assert set(r.metadata["timings"]) == {"total_ms"}

@@ -9,10 +9,11 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import torch
-from gradtap.client import Client, Objective
+from gradtap.client import Client, GradtapError, Objective
 from gradtap.server import Settings, start
 from gradtap.server.errors import ModelLoadError
 from gradtap.server.models.archive import load_archive
@@ -161,10 +162,20 @@ def test_server_refuses_bad_archives_and_serves_the_rest(archive: bytes, tmp_pat
     )
     try:
         with Client(f"127.0.0.1:{running.port}", timeout=30) as c:
-            assert [m.name for m in c.list_models()] == ["good"]
+            listed = {m.name: m for m in c.list_models()}
+            assert set(listed) == {"good", "broken"}  # the bad name is skipped, not listed
+            assert listed["good"].state == "READY"
+            broken = listed["broken"]
+            assert broken.state == "FAILED" and "not a zip archive" in broken.reason
+            assert [(v.version, v.state) for v in broken.versions] == [("1", "FAILED")]
             x = np.zeros((2, 3, 16, 16), np.float32)
             r = c.analyze("good", x, ["conv1"], Objective.sum())
             assert r.gradients["conv1"].shape == (2, 8, 16, 16)
+            with pytest.raises(GradtapError) as failed:
+                c.analyze("broken", x, ["conv1"], Objective.sum())
+            assert failed.value.code == grpc.StatusCode.FAILED_PRECONDITION
+            assert failed.value.reason == "MODEL_FAILED"
+            assert "not a zip archive" in failed.value.message
             assert c.health() == "SERVING"
     finally:
         running.server.stop(None).wait()
