@@ -21,6 +21,7 @@ from ._result import (
     PerturbResult,
     Result,
     TensorSpec,
+    TokenAttributionResult,
 )
 from ._shm import SharedRegion
 from ._target import Reduction, Target
@@ -45,5 +46,6 @@ __all__ = [
     "SharedRegion",
     "Target",
     "TensorSpec",
+    "TokenAttributionResult",
     "plot_attribution",
 ]

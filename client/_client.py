@@ -10,7 +10,7 @@ import grpc
 
 from gradtap.v1 import gradtap_pb2 as pb
 
-from . import _calls
+from . import _calls, _language
 from ._channel import Connection
 from ._closing import Closing
 from ._exchange import Attempts, Call, ManyCall, Streamed, face_method, result_type
@@ -127,3 +127,5 @@ class Client(Connection, Closing):
     analyze_many = _streamed(_calls.analyze_many)
     attribute = _call(_calls.attribute)
     perturb = _call(_calls.perturb)
+    attribute_tokens = _call(_language.attribute_tokens)
+    attribution_patching = _call(_language.attribution_patching)

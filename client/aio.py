@@ -10,7 +10,7 @@ import grpc
 
 from gradtap.v1 import gradtap_pb2 as pb
 
-from . import _calls
+from . import _calls, _language
 from ._channel import Connection
 from ._closing import AsyncClosing
 from ._errors import GradtapError
@@ -124,3 +124,5 @@ class Client(Connection, AsyncClosing):
     analyze_many = _streamed(_calls.analyze_many)
     attribute = _call(_calls.attribute)
     perturb = _call(_calls.perturb)
+    attribute_tokens = _call(_language.attribute_tokens)
+    attribution_patching = _call(_language.attribution_patching)
