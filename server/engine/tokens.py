@@ -146,7 +146,9 @@ class TokenAttributor:
                 )
             self._check_objective(model, slot, objective, length)
             groups = [_Group(length, ())]
-        elif self._is_causal(model, slot, sequence, should_stop):
+        elif _check_logits(model, slot, continuation) and self._is_causal(
+            model, slot, sequence, should_stop
+        ):
             size = prompt.numel()
             tokens = [int(t) for t in continuation.tolist()]
             groups = [_Group(length, tuple((t, size - 1 + k) for k, t in enumerate(tokens)))]
@@ -497,6 +499,25 @@ def _check(request: TokenAttribution, count: int) -> int | None:
     if request.internal_batch_size is not None and request.internal_batch_size < 1:
         raise _error("internal_batch_size must be >= 1", "OUT_OF_RANGE", "internal_batch_size")
     return steps
+
+
+def _check_logits(model: Model, slot: int, continuation: torch.Tensor) -> bool:
+    """Checks that output 0 holds logits (N, S, V) over the token ids' batch and sequence,
+    and that every continuation token lies within V."""
+    ids, dims = model.inputs[slot].dims, model.outputs[0].dims
+    if len(dims) != 3 or dims[0].symbol != ids[0].symbol or dims[1].symbol != ids[1].symbol:
+        raise _error(
+            f"a continuation is scored by {model.name}'s output 0, which must be logits shaped "
+            "(N, S, V) like the token ids; attribute an objective instead",
+            "WRONG_SHAPE",
+            "continuation",
+        )
+    vocabulary = dims[2].size
+    if vocabulary is not None and continuation.numel() and int(continuation.max()) >= vocabulary:
+        raise _error(
+            f"continuation token ids must lie in [0, {vocabulary})", "OUT_OF_RANGE", "continuation"
+        )
+    return True
 
 
 def _check_tokens(
