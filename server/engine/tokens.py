@@ -25,7 +25,15 @@ from captum.attr._utils.approximation_methods import approximation_parameters
 
 from ..errors import Cancelled, InvalidArgument, ResourceExhausted
 from ..models.model import Model, dtype_name, shape_of
-from ..models.tokens import bound, check_length, fill, token_embedding, token_input, vocabulary_size
+from ..models.tokens import (
+    bound,
+    check_continuation,
+    check_length,
+    check_token_ids,
+    fill,
+    token_embedding,
+    token_input,
+)
 from . import graph
 from .analysis import Analysis, Engine, Role, Target
 from .attribution import ACTIVATION_BUDGET_BYTES
@@ -135,7 +143,7 @@ class TokenAttributor:
         length = int(sequence.numel())
         check_length(model, slot, length)
         node = self._node(model, slot, request.node)
-        _check_tokens(model, slot, sequence, request)
+        check_token_ids(model, slot, request.prompt, request.continuation, request.baseline_token)
         objective = request.objective
         if continuation is None:
             if objective is None:
@@ -146,7 +154,7 @@ class TokenAttributor:
                 )
             self._check_objective(model, slot, objective, length)
             groups = [_Group(length, ())]
-        elif _check_logits(model, slot, continuation) and self._is_causal(
+        elif check_continuation(model, slot, continuation) and self._is_causal(
             model, slot, sequence, should_stop
         ):
             size = prompt.numel()
@@ -499,43 +507,3 @@ def _check(request: TokenAttribution, count: int) -> int | None:
     if request.internal_batch_size is not None and request.internal_batch_size < 1:
         raise _error("internal_batch_size must be >= 1", "OUT_OF_RANGE", "internal_batch_size")
     return steps
-
-
-def _check_logits(model: Model, slot: int, continuation: torch.Tensor) -> bool:
-    """Checks that output 0 holds logits (N, S, V) over the token ids' batch and sequence,
-    and that every continuation token lies within V."""
-    ids, dims = model.inputs[slot].dims, model.outputs[0].dims
-    if len(dims) != 3 or dims[0].symbol != ids[0].symbol or dims[1].symbol != ids[1].symbol:
-        raise _error(
-            f"a continuation is scored by {model.name}'s output 0, which must be logits shaped "
-            "(N, S, V) like the token ids; attribute an objective instead",
-            "WRONG_SHAPE",
-            "continuation",
-        )
-    vocabulary = dims[2].size
-    if vocabulary is not None and continuation.numel() and int(continuation.max()) >= vocabulary:
-        raise _error(
-            f"continuation token ids must lie in [0, {vocabulary})", "OUT_OF_RANGE", "continuation"
-        )
-    return True
-
-
-def _check_tokens(
-    model: Model, slot: int, sequence: torch.Tensor, request: TokenAttribution
-) -> None:
-    """Token ids (and the baseline token) within the token embedding's vocabulary."""
-    vocabulary = vocabulary_size(model, slot)
-    if vocabulary is None:
-        return
-    tokens = [("prompt", request.prompt), ("continuation", request.continuation)]
-    for field, values in tokens:
-        if (
-            values is not None
-            and values.numel()
-            and (int(values.min()) < 0 or int(values.max()) >= vocabulary)
-        ):
-            raise _error(f"{field} token ids must lie in [0, {vocabulary})", "OUT_OF_RANGE", field)
-    if not 0 <= request.baseline_token < vocabulary:
-        raise _error(
-            f"baseline_token must lie in [0, {vocabulary})", "OUT_OF_RANGE", "baseline_token"
-        )

@@ -106,3 +106,46 @@ def vocabulary_size(model: Model, slot: int) -> int | None:
     found = next(n for n in model.program.graph.nodes if n.name == node)
     weight = found.args[0].meta.get("val") if isinstance(found.args[0], torch.fx.Node) else None
     return int(weight.shape[0]) if isinstance(weight, torch.Tensor) else None
+
+
+def check_continuation(model: Model, slot: int, continuation: torch.Tensor) -> bool:
+    """Checks that output 0 holds logits (N, S, V) over the token ids' batch and sequence,
+    and that every continuation token lies within V."""
+    ids, dims = model.inputs[slot].dims, model.outputs[0].dims
+    if len(dims) != 3 or dims[0].symbol != ids[0].symbol or dims[1].symbol != ids[1].symbol:
+        raise _error(
+            f"a continuation is scored by {model.name}'s output 0, which must be logits shaped "
+            "(N, S, V) like the token ids; attribute an objective instead",
+            "WRONG_SHAPE",
+            "continuation",
+        )
+    vocabulary = dims[2].size
+    if vocabulary is not None and continuation.numel() and int(continuation.max()) >= vocabulary:
+        raise _error(
+            f"continuation token ids must lie in [0, {vocabulary})", "OUT_OF_RANGE", "continuation"
+        )
+    return True
+
+
+def check_token_ids(
+    model: Model,
+    slot: int,
+    prompt: torch.Tensor,
+    continuation: torch.Tensor | None,
+    baseline_token: int,
+) -> None:
+    """Token ids (and the baseline token) within the token embedding's vocabulary."""
+    vocabulary = vocabulary_size(model, slot)
+    if vocabulary is None:
+        return
+    for field, values in (("prompt", prompt), ("continuation", continuation)):
+        if (
+            values is not None
+            and values.numel()
+            and (int(values.min()) < 0 or int(values.max()) >= vocabulary)
+        ):
+            raise _error(f"{field} token ids must lie in [0, {vocabulary})", "OUT_OF_RANGE", field)
+    if not 0 <= baseline_token < vocabulary:
+        raise _error(
+            f"baseline_token must lie in [0, {vocabulary})", "OUT_OF_RANGE", "baseline_token"
+        )

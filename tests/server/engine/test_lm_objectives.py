@@ -67,16 +67,16 @@ CASES: dict[str, tuple[Objective, Callable[[torch.Tensor], torch.Tensor]]] = {
     ),
     "log_prob of a continuation": (
         Objective.log_prob([5, 8, 13]),
-        lambda z: sum(
-            z[:, p].log_softmax(-1)[:, t].sum() for p, t in zip((5, 6, 7), (5, 8, 13))
-        ),
+        lambda z: sum(z[:, p].log_softmax(-1)[:, t].sum() for p, t in zip((5, 6, 7), (5, 8, 13))),
     ),
     "log_prob per row": (
         Objective.log_prob([[1, 2], [3, 4]], positions=[[0, -1], [2, 4]]),
-        lambda z: z[0, 0].log_softmax(-1)[1]
-        + z[0, -1].log_softmax(-1)[2]
-        + z[1, 2].log_softmax(-1)[3]
-        + z[1, 4].log_softmax(-1)[4],
+        lambda z: (
+            z[0, 0].log_softmax(-1)[1]
+            + z[0, -1].log_softmax(-1)[2]
+            + z[1, 2].log_softmax(-1)[3]
+            + z[1, 4].log_softmax(-1)[4]
+        ),
     ),
     "logit_diff": (
         Objective.logit_diff(17, [4, 60]),
@@ -88,9 +88,7 @@ CASES: dict[str, tuple[Objective, Callable[[torch.Tensor], torch.Tensor]]] = {
     ),
     "cross_entropy, class_dim -1": (
         Objective.cross_entropy(np.arange(18).reshape(2, 9), class_dim=-1, reduction="sum"),
-        lambda z: F.cross_entropy(
-            z.reshape(-1, lm.VOCABULARY), torch.arange(18), reduction="sum"
-        ),
+        lambda z: F.cross_entropy(z.reshape(-1, lm.VOCABULARY), torch.arange(18), reduction="sum"),
     ),
 }
 
