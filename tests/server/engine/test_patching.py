@@ -225,3 +225,10 @@ def test_per_head_tensors_are_nodes_shaped_batch_sequence_heads_dims(
     )
     assert r.gradients[found].shape == (*CLEAN.shape, heads)
     assert layer in described.modules
+
+
+def test_gradient_x_activation_refuses_a_second_capture(lm_client: Client) -> None:
+    target = Target("transformer.h.0", reduce="gradient_x_activation", dims=-1, capture="both")
+    with pytest.raises(GradtapError) as caught:
+        lm_client.analyze("lm-gpt2", [CLEAN, np.ones_like(CLEAN)], target, METRIC)
+    assert (caught.value.reason, caught.value.field) == ("BAD_REDUCTION", "targets[0].capture")
