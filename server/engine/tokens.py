@@ -141,7 +141,7 @@ class TokenAttributor:
         steps = _check(request, count)
         sequence = prompt if continuation is None else torch.cat([prompt, continuation[:-1]])
         length = int(sequence.numel())
-        check_length(model, slot, length)
+        check_length(model, slot, int(prompt.numel()), length)
         node = self._node(model, slot, request.node)
         check_token_ids(model, slot, request.prompt, request.continuation, request.baseline_token)
         objective = request.objective
@@ -154,18 +154,20 @@ class TokenAttributor:
                 )
             self._check_objective(model, slot, objective, length)
             groups = [_Group(length, ())]
-        elif check_continuation(model, slot, continuation) and self._is_causal(
-            model, slot, sequence, should_stop
-        ):
+        else:
+            assert continuation is not None
+            check_continuation(model, slot, continuation)
             size = prompt.numel()
             tokens = [int(t) for t in continuation.tolist()]
-            groups = [_Group(length, tuple((t, size - 1 + k) for k, t in enumerate(tokens)))]
-        else:  # one sequence per continuation token, as Captum's own loop
-            size = prompt.numel()
-            tokens = [int(t) for t in continuation.tolist()]
-            groups = [_Group(size + k, ((t, size - 1 + k),)) for k, t in enumerate(tokens)]
+            # One continuation token is one sequence either way; more share one sequence
+            # where the model is causal, else each gets its own, as in Captum's loop.
+            if count == 1 or self._is_causal(model, slot, sequence, should_stop):
+                groups = [_Group(length, tuple((t, size - 1 + k) for k, t in enumerate(tokens)))]
+            else:
+                groups = [_Group(size + k, ((t, size - 1 + k),)) for k, t in enumerate(tokens)]
         rows = sum(max(len(g.scored), 1) for g in groups) * (steps or 1)
-        most = model.inputs[slot].dims[0].max
+        batch = model.inputs[slot].dims[0]
+        most = 1 if batch.size is not None else batch.max
         per_pass = request.internal_batch_size or self._fits(model, slot, node, length)
         per_pass = max(1, min(per_pass, rows, most if most is not None else rows))
         scores = []

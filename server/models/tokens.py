@@ -83,18 +83,27 @@ def bound(model: Model, slot: int, rows: int, length: int) -> dict[str, int]:
     return {d.symbol: v for d, v in zip(dims, (rows, length)) if d.size is None}
 
 
-def check_length(model: Model, slot: int, length: int) -> None:
-    """Refuses a sequence length outside the token input's range, naming the prompt."""
-    dim = model.inputs[slot].dims[1]
+def check_length(model: Model, slot: int, shortest: int, longest: int) -> None:
+    """Refuses sequences outside the token input's range, naming the prompt: token
+    attribution runs sequences of every length from the prompt's to prompt + continuation
+    less its last token. Also refuses a static batch size other than 1."""
+    batch, dim = model.inputs[slot].dims
     low = dim.size if dim.size is not None else dim.min
     high = dim.size if dim.size is not None else dim.max
-    if length < low or (high is not None and length > high):
+    if shortest < low or (high is not None and longest > high):
         span = f"{low}" if low == high else f"{low} to {high if high is not None else 'any'}"
         raise _error(
-            f"prompt and continuation make a sequence of {length} tokens (the prompt and all "
-            f"but the last continuation token); {model.name} takes {span}",
+            f"the prompt has {shortest} tokens and with the continuation (less its last token) "
+            f"makes {longest}; {model.name} takes sequences of {span} tokens",
             "OUT_OF_RANGE",
             "prompt",
+        )
+    if batch.size is not None and batch.size != 1:
+        raise _error(
+            f"{model.name} takes exactly {batch.size} rows; token attribution needs a model "
+            "exported with a dynamic batch (or a batch of 1)",
+            "NOT_A_TOKEN_MODEL",
+            "model.name",
         )
 
 
@@ -108,7 +117,7 @@ def vocabulary_size(model: Model, slot: int) -> int | None:
     return int(weight.shape[0]) if isinstance(weight, torch.Tensor) else None
 
 
-def check_continuation(model: Model, slot: int, continuation: torch.Tensor) -> bool:
+def check_continuation(model: Model, slot: int, continuation: torch.Tensor) -> None:
     """Checks that output 0 holds logits (N, S, V) over the token ids' batch and sequence,
     and that every continuation token lies within V."""
     ids, dims = model.inputs[slot].dims, model.outputs[0].dims
@@ -124,7 +133,6 @@ def check_continuation(model: Model, slot: int, continuation: torch.Tensor) -> b
         raise _error(
             f"continuation token ids must lie in [0, {vocabulary})", "OUT_OF_RANGE", "continuation"
         )
-    return True
 
 
 def check_token_ids(
