@@ -256,3 +256,32 @@ def test_the_aio_client_attributes_tokens_alike(lm_served: LanguageServed) -> No
     with Client(lm_served.address, timeout=60) as c:
         expected = c.attribute_tokens("lm-llama", PROMPT, CONTINUATION, method="saliency").scores
     np.testing.assert_array_equal(asyncio.run(main()), expected)
+
+
+def test_token_attribution_matches_captum_on_the_same_exported_program(
+    lm_served: LanguageServed, lm_client: Client
+) -> None:
+    # Captum's LLMGradientAttribution, in-process, on the archive the server serves:
+    # torch.export.unflatten gives it the modules it hooks back.
+    from types import SimpleNamespace
+
+    unflat = torch.export.unflatten(torch.export.load(lm_served.repository / "lm-gpt2.pt2"))
+
+    class Logits(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = unflat
+
+        def forward(self, input_ids: torch.Tensor) -> Any:
+            return SimpleNamespace(logits=self.model(input_ids, torch.ones_like(input_ids))[0])
+
+    wrapped = Logits()
+    llm = LLMGradientAttribution(
+        LayerIntegratedGradients(wrapped, unflat.get_submodule(EMBEDDING["lm-gpt2"])),
+        lm.word_tokenizer(),
+    )
+    prompt = TextTokenInput(lm.text(PROMPT), lm.word_tokenizer())
+    expected = llm.attribute(prompt, target=torch.from_numpy(CONTINUATION), n_steps=STEPS)
+    r = lm_client.attribute_tokens("lm-gpt2", PROMPT, CONTINUATION, n_steps=STEPS)
+    assert expected.token_attr is not None
+    np.testing.assert_allclose(r.scores, expected.token_attr.numpy(), rtol=RTOL, atol=1e-7)
