@@ -1,7 +1,6 @@
 """Token attribution: each continuation token's log-probability, or an objective, attributed to
 each prompt token at a node (the token embedding by default), as Captum's
 LLMGradientAttribution computes it with LayerGradientXActivation or LayerIntegratedGradients.
-
 Captum runs one attribution per continuation token, each on the prompt and the continuation
 tokens before it. On a causal model the logits at a position depend only on the tokens up to
 it, so one sequence (prompt + continuation, less its last token) serves every continuation
@@ -112,6 +111,7 @@ class TokenAttributor:
         self._lock = threading.Lock()
         self._causal: dict[tuple[str, str], bool] = {}
         self._graphs: dict[tuple[str, str, str, tuple[str, ...]], torch.fx.GraphModule] = {}
+        self._rows: dict[tuple[str, str, int], int] = {}
 
     def attribute(
         self, model: Model, request: TokenAttribution, should_stop: ShouldStop = never
@@ -283,13 +283,22 @@ class TokenAttributor:
     # -- the passes -------------------------------------------------------------------------
 
     def _fits(self, model: Model, slot: int, node: str, length: int) -> int:
-        """Rows per pass that keep a pass's activations within the budget."""
-        symbols = bound(model, slot, 1, length)
-        total = 0
-        for info in model.nodes.values():
-            sizes = shape_of(info.spec, symbols)
-            total += math.prod(s if s is not None else 1 for s in sizes) * info.spec.dtype.itemsize
-        return max(1, ACTIVATION_BUDGET_BYTES // (2 * max(total, 1)))
+        """Rows per pass that keep a pass's activations within the budget (kept per model
+        and sequence length: the sum runs over every node's symbolic shape)."""
+        key = (model.name, model.digest, length)
+        fits = self._rows.get(key)
+        if fits is None:
+            symbols = bound(model, slot, 1, length)
+            total = 0
+            for info in model.nodes.values():
+                sizes = shape_of(info.spec, symbols)
+                total += math.prod(s or 1 for s in sizes) * info.spec.dtype.itemsize
+            fits = max(1, ACTIVATION_BUDGET_BYTES // (2 * max(total, 1)))
+            with self._lock:
+                if len(self._rows) >= 1024:
+                    self._rows.clear()
+                self._rows[key] = fits
+        return fits
 
     def _value(self, model: Model, slot: int, node: str, ids: torch.Tensor) -> torch.Tensor:
         """The node's value for one sequence, (L, ...), without gradients."""
@@ -501,11 +510,8 @@ def _check(request: TokenAttribution, count: int) -> int | None:
             "n_steps",
         )
     if request.integration_method not in INTEGRATION_METHODS:
-        raise _error(
-            f"unknown integration method {request.integration_method[:40]!r}",
-            "BAD_PARAMETER",
-            "integration_method",
-        )
+        rule = request.integration_method[:40]
+        raise _error(f"unknown integration method {rule!r}", "BAD_PARAMETER", "integration_method")
     if request.internal_batch_size is not None and request.internal_batch_size < 1:
         raise _error("internal_batch_size must be >= 1", "OUT_OF_RANGE", "internal_batch_size")
     return steps

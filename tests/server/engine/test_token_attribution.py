@@ -285,3 +285,16 @@ def test_token_attribution_matches_captum_on_the_same_exported_program(
     r = lm_client.attribute_tokens("lm-gpt2", PROMPT, CONTINUATION, n_steps=STEPS)
     assert expected.token_attr is not None
     np.testing.assert_allclose(r.scores, expected.token_attr.numpy(), rtol=RTOL, atol=1e-7)
+
+
+def test_internal_batch_size_splits_the_rows_into_passes_without_changing_the_scores(
+    lm_client: Client,
+) -> None:
+    whole = lm_client.attribute_tokens("lm-llama", PROMPT, CONTINUATION, n_steps=5)
+    split = lm_client.attribute_tokens(
+        "lm-llama", PROMPT, CONTINUATION, n_steps=5, internal_batch_size=3
+    )
+    rows = len(CONTINUATION) * 5
+    assert (whole.metadata["passes"], split.metadata["passes"]) == (1, -(-rows // 3))
+    assert split.metadata["internal_batch_size"] == 3
+    np.testing.assert_allclose(split.scores, whole.scores, rtol=1e-5, atol=1e-8)
