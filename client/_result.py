@@ -33,6 +33,8 @@ class Result:
         param_grads: parameter state-dict name -> gradient of the objective.
         topk_indices: target name -> flat positions of the entries a topk target kept.
         reductions: target name -> what the server reduced, for targets with a reduction.
+        patching: target name -> attribution patching's (activation at corrupt - activation)
+            x gradient, after its reduction (attribution_patching).
     """
 
     gradients: dict[str, np.ndarray] = field(default_factory=dict)
@@ -44,6 +46,7 @@ class Result:
     param_grads: dict[str, np.ndarray] = field(default_factory=dict)
     topk_indices: dict[str, np.ndarray] = field(default_factory=dict)
     reductions: dict[str, Reduction] = field(default_factory=dict)
+    patching: dict[str, np.ndarray] = field(default_factory=dict)
 
     def plot(
         self,
@@ -149,6 +152,30 @@ class AttributionResult(ArrayResult):
             size=size,
             title=title,
         )
+
+
+@dataclass
+class TokenAttributionResult:
+    """What a token attribution returned.
+
+    Attributes:
+        scores: (continuation tokens, prompt tokens): row k attributes the log-probability
+            of continuation token k to each prompt token; (1, prompt tokens) for an objective.
+        values: each continuation token's log-probability given the tokens before it, or
+            the objective's value.
+        prompt: the prompt's token ids, as sent.
+        continuation: the continuation's token ids, as sent (None for an objective).
+        metadata: model, method, aggregate, node (the graph node attributed to),
+            model_digest, device, torch_version, captum_version, replica, passes (forward
+            and backward passes run), internal_batch_size (rows per pass) and timings
+            (compute_ms, total_ms).
+    """
+
+    scores: np.ndarray
+    values: list[float]
+    prompt: np.ndarray
+    continuation: np.ndarray | None
+    metadata: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

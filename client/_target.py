@@ -15,6 +15,7 @@ REDUCES: dict[str, pb.Reduce.ValueType] = {
     "abs_mean": pb.REDUCE_ABS_MEAN,
     "norm": pb.REDUCE_NORM,
     "max": pb.REDUCE_MAX,
+    "gradient_x_activation": pb.REDUCE_GRADIENT_X_ACTIVATION,
 }
 """The reductions, by the name Target takes."""
 
@@ -46,7 +47,10 @@ class Target:
         name: a graph-node name or module path, as DescribeModel lists them; results are
             keyed by it.
         reduce: None (send the tensor whole), "sum", "mean", "abs_mean" (mean of absolute
-            values), "norm" (L2) or "max", taken over `dims`.
+            values), "norm" (L2) or "max", taken over `dims`; or "gradient_x_activation":
+            the sum over `dims` of gradient times activation (dims=-1: one value per
+            token), one tensor that arrives in `Result.gradients[name]` (the target then
+            captures the gradient alone).
         dims: the dimensions to reduce; negative values count from the end, as in numpy.
             Default: every dimension except the batch dimension 0, one value per row.
             (2, 3) over an (N, C, H, W) map gives per-channel values (Grad-CAM weights).
@@ -94,6 +98,8 @@ class Target:
         """The wire form of this target, capturing `capture`."""
         if self.capture is not None:
             capture = CAPTURES[self.capture]
+        elif self.reduce == "gradient_x_activation":
+            capture = pb.CAPTURE_GRADIENT  # one tensor: the product, sent as the gradient
         layer = pb.TargetLayer(name=self.name, capture=capture)
         if self.reduce is not None or self.topk:
             layer.reduction.reduce = REDUCES[self.reduce] if self.reduce else pb.REDUCE_UNSPECIFIED

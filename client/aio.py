@@ -10,7 +10,7 @@ import grpc
 
 from gradtap.v1 import gradtap_pb2 as pb
 
-from . import _calls, _control
+from . import _calls, _control, _language
 from ._channel import Connection
 from ._closing import AsyncClosing
 from ._errors import GradtapError
@@ -128,3 +128,5 @@ class Client(Connection, AsyncClosing):
     load_model_from_repository = _call(_control.load_model_from_repository)
     unload_model = _call(_control.unload_model)
     set_default_version = _call(_control.set_default_version)
+    attribute_tokens = _call(_language.attribute_tokens)
+    attribution_patching = _call(_language.attribution_patching)

@@ -43,3 +43,30 @@ def address(served: Served) -> str:
 def client(address: str) -> Iterator[Client]:
     with Client(address, timeout=60) as c:
         yield c
+
+
+@dataclass
+class LanguageServed:
+    """A server of the language models (tests/language_models.py), with their modules."""
+
+    address: str
+    modules: dict[str, nn.Module]
+    repository: Path
+
+
+@pytest.fixture(scope="session")
+def lm_served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LanguageServed]:
+    """Exported on first use only: the MiniLM export takes seconds."""
+    from . import language_models
+
+    repository = tmp_path_factory.mktemp("lm-repository")
+    modules = language_models.export_all(repository)
+    running = start("127.0.0.1:0", Settings(device="cpu", model_repository=repository))
+    yield LanguageServed(f"127.0.0.1:{running.port}", modules, repository)
+    running.server.stop(None).wait()
+
+
+@pytest.fixture
+def lm_client(lm_served: LanguageServed) -> Iterator[Client]:
+    with Client(lm_served.address, timeout=120) as c:
+        yield c

@@ -29,7 +29,7 @@ def parse_objective(spec: str, output: int, node: str | None) -> Objective | Non
         example = f"{kind}:3" if kind in ("logit", "cross_entropy") else f"{kind}:FILE.npy"
         usage(f"{kind} needs an argument, e.g. {example}", "--objective")
     if kind == "logit":
-        return Objective.logit(_ints(argument, kind), output, node)
+        return Objective.logit(_ints(argument, kind), output=output, node=node)
     if kind == "cross_entropy":
         return Objective.cross_entropy(_ints(argument, kind), output, node)
     if kind in ("mse", "grad_outputs"):

@@ -99,6 +99,12 @@ class _CaptureEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Capture.Value
     """The target's output (its forward activation)."""
     CAPTURE_GRADIENT_AND_ACTIVATION: _Capture.ValueType  # 3
     """Both the gradient and the activation."""
+    CAPTURE_ATTRIBUTION_PATCHING: _Capture.ValueType  # 4
+    """Attribution patching: (activation at corrupt_inputs - activation at inputs) times the
+    gradient at inputs, sent with the role TENSOR_ROLE_ATTRIBUTION_PATCHING after the
+    target's reduction (none when unset: the whole tensor). Needs
+    AnalyzeRequest.corrupt_inputs and an objective.
+    """
 
 class Capture(_Capture, metaclass=_CaptureEnumTypeWrapper):
     """What to capture at a target."""
@@ -111,6 +117,12 @@ CAPTURE_ACTIVATION: Capture.ValueType  # 2
 """The target's output (its forward activation)."""
 CAPTURE_GRADIENT_AND_ACTIVATION: Capture.ValueType  # 3
 """Both the gradient and the activation."""
+CAPTURE_ATTRIBUTION_PATCHING: Capture.ValueType  # 4
+"""Attribution patching: (activation at corrupt_inputs - activation at inputs) times the
+gradient at inputs, sent with the role TENSOR_ROLE_ATTRIBUTION_PATCHING after the
+target's reduction (none when unset: the whole tensor). Needs
+AnalyzeRequest.corrupt_inputs and an objective.
+"""
 Global___Capture: _TypeAlias = Capture  # noqa: Y015
 
 class _Reduce:
@@ -131,6 +143,11 @@ class _ReduceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Reduce.ValueTy
     """The L2 norm over dims: sqrt(sum(x * x))."""
     REDUCE_MAX: _Reduce.ValueType  # 5
     """The largest value over dims."""
+    REDUCE_GRADIENT_X_ACTIVATION: _Reduce.ValueType  # 6
+    """The sum over dims of gradient times activation (e.g. dims [-1]: one value per token).
+    One tensor results, sent with the role TENSOR_ROLE_GRADIENT; the target must capture
+    the gradient alone (CAPTURE_GRADIENT).
+    """
 
 class Reduce(_Reduce, metaclass=_ReduceEnumTypeWrapper):
     """How a target's tensors are reduced on the server before transfer."""
@@ -147,6 +164,11 @@ REDUCE_NORM: Reduce.ValueType  # 4
 """The L2 norm over dims: sqrt(sum(x * x))."""
 REDUCE_MAX: Reduce.ValueType  # 5
 """The largest value over dims."""
+REDUCE_GRADIENT_X_ACTIVATION: Reduce.ValueType  # 6
+"""The sum over dims of gradient times activation (e.g. dims [-1]: one value per token).
+One tensor results, sent with the role TENSOR_ROLE_GRADIENT; the target must capture
+the gradient alone (CAPTURE_GRADIENT).
+"""
 Global___Reduce: _TypeAlias = Reduce  # noqa: Y015
 
 class _LossReduction:
@@ -267,6 +289,10 @@ class _TensorRoleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TensorRole
     """An AnalyzeMany aggregate: the mean absolute gradient at a target per channel
     (dimension 1), over every other dimension of every item; name is the target's name.
     """
+    TENSOR_ROLE_ATTRIBUTION_PATCHING: _TensorRole.ValueType  # 11
+    """Attribution patching at a target (CAPTURE_ATTRIBUTION_PATCHING), after its reduction;
+    name is the target's name.
+    """
 
 class TensorRole(_TensorRole, metaclass=_TensorRoleEnumTypeWrapper):
     """The role a streamed tensor plays in the result."""
@@ -298,6 +324,10 @@ every item, shaped like one row; name is the target's name.
 TENSOR_ROLE_MEAN_ABS_GRADIENT: TensorRole.ValueType  # 10
 """An AnalyzeMany aggregate: the mean absolute gradient at a target per channel
 (dimension 1), over every other dimension of every item; name is the target's name.
+"""
+TENSOR_ROLE_ATTRIBUTION_PATCHING: TensorRole.ValueType  # 11
+"""Attribution patching at a target (CAPTURE_ATTRIBUTION_PATCHING), after its reduction;
+name is the target's name.
 """
 Global___TensorRole: _TypeAlias = TensorRole  # noqa: Y015
 
@@ -456,6 +486,32 @@ PERTURB_NORM_LINF: PerturbNorm.ValueType  # 1
 PERTURB_NORM_L2: PerturbNorm.ValueType  # 2
 """The Euclidean norm of each row ("L2")."""
 Global___PerturbNorm: _TypeAlias = PerturbNorm  # noqa: Y015
+
+class _TokenAggregate:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TokenAggregateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TokenAggregate.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TOKEN_AGGREGATE_UNSPECIFIED: _TokenAggregate.ValueType  # 0
+    """Not set; treated as TOKEN_AGGREGATE_SUM, Captum's."""
+    TOKEN_AGGREGATE_SUM: _TokenAggregate.ValueType  # 1
+    """The sum, as Captum's LLMGradientAttribution."""
+    TOKEN_AGGREGATE_L2: _TokenAggregate.ValueType  # 2
+    """The L2 norm."""
+
+class TokenAggregate(_TokenAggregate, metaclass=_TokenAggregateEnumTypeWrapper):
+    """How a token attribution is summed over a node's hidden dimensions (every dimension after
+    the sequence dimension).
+    """
+
+TOKEN_AGGREGATE_UNSPECIFIED: TokenAggregate.ValueType  # 0
+"""Not set; treated as TOKEN_AGGREGATE_SUM, Captum's."""
+TOKEN_AGGREGATE_SUM: TokenAggregate.ValueType  # 1
+"""The sum, as Captum's LLMGradientAttribution."""
+TOKEN_AGGREGATE_L2: TokenAggregate.ValueType  # 2
+"""The L2 norm."""
+Global___TokenAggregate: _TypeAlias = TokenAggregate  # noqa: Y015
 
 @_typing.final
 class Tensor(_message.Message):
@@ -713,14 +769,20 @@ class LogitObjective(_message.Message):
 
     SITE_FIELD_NUMBER: _builtins.int
     INDEX_FIELD_NUMBER: _builtins.int
+    POSITION_FIELD_NUMBER: _builtins.int
+    position: _builtins.int
+    """The sequence position read on a site shaped (N, S, V); negative counts from the end.
+    Required for such a site, refused for any other.
+    """
     @_builtins.property
     def site(self) -> Global___ObjectiveSite:
         """Where the logit is read."""
 
     @_builtins.property
     def index(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """Index into each row's flattened elements: one value for every row, or one value per
-        row (the length of the batch dimension).
+        """On a site (N, C): the class. On a site (N, S, V), with position: the token. On other
+        sites, an index into each row's flattened elements. One value for every row, or one
+        value per row (the length of the batch dimension).
         """
 
     def __init__(
@@ -728,33 +790,52 @@ class LogitObjective(_message.Message):
         *,
         site: Global___ObjectiveSite | None = ...,
         index: _abc.Iterable[_builtins.int] | None = ...,
+        position: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["site", b"site"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_position", b"_position", "position", b"position", "site", b"site"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "site", b"site"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_position", b"_position", "index", b"index", "position", b"position", "site", b"site"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__position: _TypeAlias = _typing.Literal["position"]  # noqa: Y015
+    _WhichOneofArgType__position: _TypeAlias = _typing.Literal["_position", b"_position"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__position) -> _WhichOneofReturnType__position | None: ...
 
 Global___LogitObjective: _TypeAlias = LogitObjective  # noqa: Y015
 
 @_typing.final
 class CrossEntropyObjective(_message.Message):
-    """Objective: cross-entropy between the site's logits (N, C, ...) and class labels."""
+    """Objective: cross-entropy between the site's logits and class labels, as F.cross_entropy
+    (and, with shift, a Hugging Face causal language model's loss with labels=).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     SITE_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     REDUCTION_FIELD_NUMBER: _builtins.int
+    CLASS_DIM_FIELD_NUMBER: _builtins.int
+    IGNORE_INDEX_FIELD_NUMBER: _builtins.int
+    SHIFT_FIELD_NUMBER: _builtins.int
     reduction: Global___LossReduction.ValueType
-    """Mean (default) or sum over rows."""
+    """Mean (default; over the labels not ignored) or sum."""
+    class_dim: _builtins.int
+    """The site's class dimension: 1 (PyTorch's (N, C, ...)) or -1 (the last, a language
+    model's (N, S, V)). Unset: inferred from the labels' shape, and refused when both fit
+    and differ.
+    """
+    ignore_index: _builtins.int
+    """Labels with this value are ignored; -100 (PyTorch's default) when unset."""
+    shift: _builtins.bool
+    """The shifted next-token loss: labels are the input ids (N, S) and the logits at t
+    predict the label at t + 1. Needs a site (N, S, V) and class_dim -1 (or unset).
+    """
     @_builtins.property
     def site(self) -> Global___ObjectiveSite:
         """Where the logits are read."""
 
     @_builtins.property
     def labels(self) -> Global___Tensor:
-        """Class labels: an int64 tensor of the site's shape without dimension 1."""
+        """Class labels, int64: the site's shape without its class dimension."""
 
     def __init__(
         self,
@@ -762,14 +843,115 @@ class CrossEntropyObjective(_message.Message):
         site: Global___ObjectiveSite | None = ...,
         labels: Global___Tensor | None = ...,
         reduction: Global___LossReduction.ValueType = ...,
+        class_dim: _builtins.int | None = ...,
+        ignore_index: _builtins.int | None = ...,
+        shift: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels", "site", b"site"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_class_dim", b"_class_dim", "_ignore_index", b"_ignore_index", "class_dim", b"class_dim", "ignore_index", b"ignore_index", "labels", b"labels", "site", b"site"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels", "reduction", b"reduction", "site", b"site"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_class_dim", b"_class_dim", "_ignore_index", b"_ignore_index", "class_dim", b"class_dim", "ignore_index", b"ignore_index", "labels", b"labels", "reduction", b"reduction", "shift", b"shift", "site", b"site"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__class_dim: _TypeAlias = _typing.Literal["class_dim"]  # noqa: Y015
+    _WhichOneofArgType__class_dim: _TypeAlias = _typing.Literal["_class_dim", b"_class_dim"]  # noqa: Y015
+    _WhichOneofReturnType__ignore_index: _TypeAlias = _typing.Literal["ignore_index"]  # noqa: Y015
+    _WhichOneofArgType__ignore_index: _TypeAlias = _typing.Literal["_ignore_index", b"_ignore_index"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__class_dim) -> _WhichOneofReturnType__class_dim | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__ignore_index) -> _WhichOneofReturnType__ignore_index | None: ...
+
+Global___CrossEntropyObjective: _TypeAlias = CrossEntropyObjective  # noqa: Y015
+
+@_typing.final
+class LogProbObjective(_message.Message):
+    """Objective: the sum over rows of log_softmax over the vocabulary (the last dimension of a
+    site shaped (N, S, V)) at each row's (position, token) pairs: token log-probabilities.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SITE_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
+    POSITIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def site(self) -> Global___ObjectiveSite:
+        """Where the logits are read."""
+
+    @_builtins.property
+    def tokens(self) -> Global___Tensor:
+        """int64 token ids: (K,) for every row, or (N, K), one row of tokens per row."""
+
+    @_builtins.property
+    def positions(self) -> Global___Tensor:
+        """int64 positions, shaped like tokens; negative counts from the end. Unset: the tokens
+        are the last K tokens of the input, each scored from the logits one position earlier
+        (positions S-K-1 ... S-2), a continuation's log-probability given its prompt.
+        """
+
+    def __init__(
+        self,
+        *,
+        site: Global___ObjectiveSite | None = ...,
+        tokens: Global___Tensor | None = ...,
+        positions: Global___Tensor | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["positions", b"positions", "site", b"site", "tokens", b"tokens"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["positions", b"positions", "site", b"site", "tokens", b"tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___CrossEntropyObjective: _TypeAlias = CrossEntropyObjective  # noqa: Y015
+Global___LogProbObjective: _TypeAlias = LogProbObjective  # noqa: Y015
+
+@_typing.final
+class LogitDiffObjective(_message.Message):
+    """Objective: the sum over rows of logit[correct] - logit[wrong] at one position (the
+    logit difference of circuit studies), or of the probabilities after softmax.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SITE_FIELD_NUMBER: _builtins.int
+    CORRECT_FIELD_NUMBER: _builtins.int
+    WRONG_FIELD_NUMBER: _builtins.int
+    POSITION_FIELD_NUMBER: _builtins.int
+    PROBABILITIES_FIELD_NUMBER: _builtins.int
+    position: _builtins.int
+    """The sequence position on a site (N, S, V); negative counts from the end. Required for
+    such a site, refused for a site (N, C).
+    """
+    probabilities: _builtins.bool
+    """Compare probabilities (softmax over the last dimension) instead of logits."""
+    @_builtins.property
+    def site(self) -> Global___ObjectiveSite:
+        """Where the logits are read."""
+
+    @_builtins.property
+    def correct(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The correct token (or class): one value for every row, or one per row."""
+
+    @_builtins.property
+    def wrong(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The wrong token (or class): one value for every row, or one per row."""
+
+    def __init__(
+        self,
+        *,
+        site: Global___ObjectiveSite | None = ...,
+        correct: _abc.Iterable[_builtins.int] | None = ...,
+        wrong: _abc.Iterable[_builtins.int] | None = ...,
+        position: _builtins.int | None = ...,
+        probabilities: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_position", b"_position", "position", b"position", "site", b"site"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_position", b"_position", "correct", b"correct", "position", b"position", "probabilities", b"probabilities", "site", b"site", "wrong", b"wrong"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__position: _TypeAlias = _typing.Literal["position"]  # noqa: Y015
+    _WhichOneofArgType__position: _TypeAlias = _typing.Literal["_position", b"_position"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__position) -> _WhichOneofReturnType__position | None: ...
+
+Global___LogitDiffObjective: _TypeAlias = LogitDiffObjective  # noqa: Y015
 
 @_typing.final
 class MseObjective(_message.Message):
@@ -848,6 +1030,8 @@ class Objective(_message.Message):
     CROSS_ENTROPY_FIELD_NUMBER: _builtins.int
     MSE_FIELD_NUMBER: _builtins.int
     GRAD_OUTPUTS_FIELD_NUMBER: _builtins.int
+    LOG_PROB_FIELD_NUMBER: _builtins.int
+    LOGIT_DIFF_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def sum(self) -> Global___SumObjective:
         """Sum of the site."""
@@ -868,6 +1052,14 @@ class Objective(_message.Message):
     def grad_outputs(self) -> Global___GradOutputsObjective:
         """Vector-Jacobian product at the site."""
 
+    @_builtins.property
+    def log_prob(self) -> Global___LogProbObjective:
+        """Token log-probabilities at the site."""
+
+    @_builtins.property
+    def logit_diff(self) -> Global___LogitDiffObjective:
+        """Logit (or probability) difference at the site."""
+
     def __init__(
         self,
         *,
@@ -876,12 +1068,14 @@ class Objective(_message.Message):
         cross_entropy: Global___CrossEntropyObjective | None = ...,
         mse: Global___MseObjective | None = ...,
         grad_outputs: Global___GradOutputsObjective | None = ...,
+        log_prob: Global___LogProbObjective | None = ...,
+        logit_diff: Global___LogitDiffObjective | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cross_entropy", b"cross_entropy", "grad_outputs", b"grad_outputs", "kind", b"kind", "logit", b"logit", "mse", b"mse", "sum", b"sum"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cross_entropy", b"cross_entropy", "grad_outputs", b"grad_outputs", "kind", b"kind", "log_prob", b"log_prob", "logit", b"logit", "logit_diff", b"logit_diff", "mse", b"mse", "sum", b"sum"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cross_entropy", b"cross_entropy", "grad_outputs", b"grad_outputs", "kind", b"kind", "logit", b"logit", "mse", b"mse", "sum", b"sum"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cross_entropy", b"cross_entropy", "grad_outputs", b"grad_outputs", "kind", b"kind", "log_prob", b"log_prob", "logit", b"logit", "logit_diff", b"logit_diff", "mse", b"mse", "sum", b"sum"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["sum", "logit", "cross_entropy", "mse", "grad_outputs"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["sum", "logit", "cross_entropy", "mse", "grad_outputs", "log_prob", "logit_diff"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -1189,6 +1383,7 @@ class AnalyzeRequest(_message.Message):
     PARAM_GRADS_FIELD_NUMBER: _builtins.int
     PRECISION_FIELD_NUMBER: _builtins.int
     SHARED_MEMORY_FIELD_NUMBER: _builtins.int
+    CORRUPT_INPUTS_FIELD_NUMBER: _builtins.int
     input_grads: _builtins.bool
     """Also return the gradient with respect to every floating-point input (the input grads)."""
     outputs: _builtins.bool
@@ -1224,6 +1419,14 @@ class AnalyzeRequest(_message.Message):
         gives each tensor's offset in the region and no chunks follow.
         """
 
+    @_builtins.property
+    def corrupt_inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tensor]:
+        """Attribution patching: the corrupted inputs, of the dtypes and shapes of inputs. The
+        server runs them forward (no gradient) beside the clean pass; targets captured as
+        CAPTURE_ATTRIBUTION_PATCHING then return (activation here - activation at inputs) times
+        the gradient at inputs. Two forward passes and one backward pass, however many targets.
+        """
+
     def __init__(
         self,
         *,
@@ -1236,10 +1439,11 @@ class AnalyzeRequest(_message.Message):
         param_grads: _abc.Iterable[_builtins.str] | None = ...,
         precision: Global___Precision.ValueType = ...,
         shared_memory: Global___SharedMemoryRegion | None = ...,
+        corrupt_inputs: _abc.Iterable[Global___Tensor] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "objective", b"objective", "shared_memory", b"shared_memory"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["input_grads", b"input_grads", "inputs", b"inputs", "model", b"model", "objective", b"objective", "outputs", b"outputs", "param_grads", b"param_grads", "precision", b"precision", "shared_memory", b"shared_memory", "targets", b"targets"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["corrupt_inputs", b"corrupt_inputs", "input_grads", b"input_grads", "inputs", b"inputs", "model", b"model", "objective", b"objective", "outputs", b"outputs", "param_grads", b"param_grads", "precision", b"precision", "shared_memory", b"shared_memory", "targets", b"targets"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2225,3 +2429,213 @@ class AnalyzeManyResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AnalyzeManyResponse: _TypeAlias = AnalyzeManyResponse  # noqa: Y015
+
+@_typing.final
+class AttributeTokensRequest(_message.Message):
+    """Attributes each continuation token's log-probability (given the prompt and the
+    continuation tokens before it) to each prompt token; or, without a continuation, an
+    objective to each token. The model's token-id input gets prompt + continuation; an
+    input named attention_mask gets ones, token_type_ids zeros, position_ids 0 ... L-1.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    PROMPT_FIELD_NUMBER: _builtins.int
+    CONTINUATION_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    AGGREGATE_FIELD_NUMBER: _builtins.int
+    N_STEPS_FIELD_NUMBER: _builtins.int
+    INTEGRATION_METHOD_FIELD_NUMBER: _builtins.int
+    BASELINE_TOKEN_FIELD_NUMBER: _builtins.int
+    OBJECTIVE_FIELD_NUMBER: _builtins.int
+    INTERNAL_BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    method: Global___AttributionMethod.ValueType
+    """ATTRIBUTION_METHOD_SALIENCY (the gradient, Captum's LayerGradientXActivation without
+    multiplying), ATTRIBUTION_METHOD_INPUT_X_GRADIENT or
+    ATTRIBUTION_METHOD_INTEGRATED_GRADIENTS (Captum's LayerIntegratedGradients).
+    """
+    node: _builtins.str
+    """The node attributed to, shaped (N, S, ...): a graph-node name or module path. Empty:
+    the token embedding (the aten.embedding of the token ids).
+    """
+    aggregate: Global___TokenAggregate.ValueType
+    """Summed over the node's hidden dimensions (default), or their L2 norm."""
+    n_steps: _builtins.int
+    """Integration steps (integrated gradients): 1 to 512; default 50. Continuation tokens
+    times n_steps is at most 32768.
+    """
+    integration_method: Global___IntegrationMethod.ValueType
+    """Integration rule (integrated gradients); default gausslegendre."""
+    baseline_token: _builtins.int
+    """The baseline token id of every prompt position (integrated gradients); 0 when unset,
+    Captum's TextTokenInput default.
+    """
+    internal_batch_size: _builtins.int
+    """Rows per forward pass; unset lets the server choose from the model's activation size."""
+    @_builtins.property
+    def model(self) -> Global___Model:
+        """The model to run."""
+
+    @_builtins.property
+    def prompt(self) -> Global___Tensor:
+        """The prompt's token ids: int64, shape (P,), P >= 1."""
+
+    @_builtins.property
+    def continuation(self) -> Global___Tensor:
+        """The continuation's token ids: int64, shape (K,); at most 512 tokens. Empty (or unset)
+        attributes the objective instead.
+        """
+
+    @_builtins.property
+    def objective(self) -> Global___Objective:
+        """Without a continuation: the scalar attributed (any objective Analyze takes)."""
+
+    def __init__(
+        self,
+        *,
+        model: Global___Model | None = ...,
+        prompt: Global___Tensor | None = ...,
+        continuation: Global___Tensor | None = ...,
+        method: Global___AttributionMethod.ValueType = ...,
+        node: _builtins.str = ...,
+        aggregate: Global___TokenAggregate.ValueType = ...,
+        n_steps: _builtins.int | None = ...,
+        integration_method: Global___IntegrationMethod.ValueType = ...,
+        baseline_token: _builtins.int | None = ...,
+        objective: Global___Objective | None = ...,
+        internal_batch_size: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_baseline_token", b"_baseline_token", "_internal_batch_size", b"_internal_batch_size", "_n_steps", b"_n_steps", "baseline_token", b"baseline_token", "continuation", b"continuation", "internal_batch_size", b"internal_batch_size", "model", b"model", "n_steps", b"n_steps", "objective", b"objective", "prompt", b"prompt"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_baseline_token", b"_baseline_token", "_internal_batch_size", b"_internal_batch_size", "_n_steps", b"_n_steps", "aggregate", b"aggregate", "baseline_token", b"baseline_token", "continuation", b"continuation", "integration_method", b"integration_method", "internal_batch_size", b"internal_batch_size", "method", b"method", "model", b"model", "n_steps", b"n_steps", "node", b"node", "objective", b"objective", "prompt", b"prompt"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__baseline_token: _TypeAlias = _typing.Literal["baseline_token"]  # noqa: Y015
+    _WhichOneofArgType__baseline_token: _TypeAlias = _typing.Literal["_baseline_token", b"_baseline_token"]  # noqa: Y015
+    _WhichOneofReturnType__internal_batch_size: _TypeAlias = _typing.Literal["internal_batch_size"]  # noqa: Y015
+    _WhichOneofArgType__internal_batch_size: _TypeAlias = _typing.Literal["_internal_batch_size", b"_internal_batch_size"]  # noqa: Y015
+    _WhichOneofReturnType__n_steps: _TypeAlias = _typing.Literal["n_steps"]  # noqa: Y015
+    _WhichOneofArgType__n_steps: _TypeAlias = _typing.Literal["_n_steps", b"_n_steps"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__baseline_token) -> _WhichOneofReturnType__baseline_token | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__internal_batch_size) -> _WhichOneofReturnType__internal_batch_size | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__n_steps) -> _WhichOneofReturnType__n_steps | None: ...
+
+Global___AttributeTokensRequest: _TypeAlias = AttributeTokensRequest  # noqa: Y015
+
+@_typing.final
+class AttributeTokensSummary(_message.Message):
+    """The last part of an AttributeTokens stream. Its arrival means the result is complete."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_DIGEST_FIELD_NUMBER: _builtins.int
+    DEVICE_FIELD_NUMBER: _builtins.int
+    TORCH_VERSION_FIELD_NUMBER: _builtins.int
+    CAPTUM_VERSION_FIELD_NUMBER: _builtins.int
+    REPLICA_FIELD_NUMBER: _builtins.int
+    TENSOR_COUNT_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    VALUES_FIELD_NUMBER: _builtins.int
+    PASSES_FIELD_NUMBER: _builtins.int
+    INTERNAL_BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    COMPUTE_MS_FIELD_NUMBER: _builtins.int
+    TOTAL_MS_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    model_digest: _builtins.str
+    """The digest of the model that ran: "sha256:<hex>"."""
+    device: _builtins.str
+    """The device that ran it, e.g. "cpu" or "cuda:0"."""
+    torch_version: _builtins.str
+    """The torch version of the server."""
+    captum_version: _builtins.str
+    """The captum version of the server (its integration rules are used)."""
+    replica: _builtins.str
+    """The replica that served the call: "<host>:<pid>"."""
+    tensor_count: _builtins.int
+    """Number of tensors sent; equals the header's count."""
+    node: _builtins.str
+    """The node attributed to, as the graph names it."""
+    passes: _builtins.int
+    """Forward-and-backward passes run (a pass holds many rows)."""
+    internal_batch_size: _builtins.int
+    """Rows per pass."""
+    compute_ms: _builtins.float
+    """Wall-clock time of the attribution itself, in milliseconds."""
+    total_ms: _builtins.float
+    """From request arrival until the result was ready to send, in milliseconds."""
+    model_version: _builtins.str
+    """The version of the model that ran."""
+    @_builtins.property
+    def values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """With a continuation: each continuation token's log-probability given the tokens before
+        it. Without: the objective's value.
+        """
+
+    def __init__(
+        self,
+        *,
+        model_digest: _builtins.str = ...,
+        device: _builtins.str = ...,
+        torch_version: _builtins.str = ...,
+        captum_version: _builtins.str = ...,
+        replica: _builtins.str = ...,
+        tensor_count: _builtins.int = ...,
+        node: _builtins.str = ...,
+        values: _abc.Iterable[_builtins.float] | None = ...,
+        passes: _builtins.int = ...,
+        internal_batch_size: _builtins.int = ...,
+        compute_ms: _builtins.float = ...,
+        total_ms: _builtins.float = ...,
+        model_version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["captum_version", b"captum_version", "compute_ms", b"compute_ms", "device", b"device", "internal_batch_size", b"internal_batch_size", "model_digest", b"model_digest", "model_version", b"model_version", "node", b"node", "passes", b"passes", "replica", b"replica", "tensor_count", b"tensor_count", "torch_version", b"torch_version", "total_ms", b"total_ms", "values", b"values"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AttributeTokensSummary: _TypeAlias = AttributeTokensSummary  # noqa: Y015
+
+@_typing.final
+class AttributeTokensResponse(_message.Message):
+    """One message of an AttributeTokens stream: header, chunks and summary, in that order
+    across the stream, as in AnalyzeResponse. The one tensor has the role
+    TENSOR_ROLE_ATTRIBUTION and the shape (continuation tokens, prompt tokens); (1, prompt
+    tokens) without a continuation.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    CHUNKS_FIELD_NUMBER: _builtins.int
+    SUMMARY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def header(self) -> Global___AnalyzeHeader:
+        """Present in the first message only."""
+
+    @_builtins.property
+    def chunks(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorChunk]:
+        """Tensor bytes, in header order."""
+
+    @_builtins.property
+    def summary(self) -> Global___AttributeTokensSummary:
+        """Present in the last message only."""
+
+    def __init__(
+        self,
+        *,
+        header: Global___AnalyzeHeader | None = ...,
+        chunks: _abc.Iterable[Global___TensorChunk] | None = ...,
+        summary: Global___AttributeTokensSummary | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "summary", b"summary"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks", b"chunks", "header", b"header", "summary", b"summary"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AttributeTokensResponse: _TypeAlias = AttributeTokensResponse  # noqa: Y015

@@ -65,6 +65,11 @@ class GradientServiceStub:
                 request_serializer=gradtap_dot_v1_dot_gradtap__pb2.AnalyzeManyRequest.SerializeToString,
                 response_deserializer=gradtap_dot_v1_dot_gradtap__pb2.AnalyzeManyResponse.FromString,
                 _registered_method=True)
+        self.AttributeTokens = channel.unary_stream(
+                '/gradtap.v1.GradientService/AttributeTokens',
+                request_serializer=gradtap_dot_v1_dot_gradtap__pb2.AttributeTokensRequest.SerializeToString,
+                response_deserializer=gradtap_dot_v1_dot_gradtap__pb2.AttributeTokensResponse.FromString,
+                _registered_method=True)
 
 
 class GradientServiceServicer:
@@ -123,6 +128,16 @@ class GradientServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AttributeTokens(self, request, context):
+        """Attributes a language model's log-probability of each continuation token (or, for an
+        encoder, an objective) to each prompt token, as Captum's LLMGradientAttribution does;
+        see docs/language-models.md. The stream is framed like Analyze's: a header, chunks,
+        then a summary.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GradientServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -155,6 +170,11 @@ def add_GradientServiceServicer_to_server(servicer, server):
                     servicer.AnalyzeMany,
                     request_deserializer=gradtap_dot_v1_dot_gradtap__pb2.AnalyzeManyRequest.FromString,
                     response_serializer=gradtap_dot_v1_dot_gradtap__pb2.AnalyzeManyResponse.SerializeToString,
+            ),
+            'AttributeTokens': grpc.unary_stream_rpc_method_handler(
+                    servicer.AttributeTokens,
+                    request_deserializer=gradtap_dot_v1_dot_gradtap__pb2.AttributeTokensRequest.FromString,
+                    response_serializer=gradtap_dot_v1_dot_gradtap__pb2.AttributeTokensResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -320,6 +340,33 @@ class GradientService:
             '/gradtap.v1.GradientService/AnalyzeMany',
             gradtap_dot_v1_dot_gradtap__pb2.AnalyzeManyRequest.SerializeToString,
             gradtap_dot_v1_dot_gradtap__pb2.AnalyzeManyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AttributeTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/gradtap.v1.GradientService/AttributeTokens',
+            gradtap_dot_v1_dot_gradtap__pb2.AttributeTokensRequest.SerializeToString,
+            gradtap_dot_v1_dot_gradtap__pb2.AttributeTokensResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -64,6 +64,12 @@ class GradientServiceStub:
     request order. After the last item the server may send a running aggregate over all
     of them. A failed item ends the stream with its status; see docs/batch-jobs.md.
     """
+    AttributeTokens: _grpc.UnaryStreamMultiCallable[_gradtap_pb2.AttributeTokensRequest, _gradtap_pb2.AttributeTokensResponse]
+    """Attributes a language model's log-probability of each continuation token (or, for an
+    encoder, an objective) to each prompt token, as Captum's LLMGradientAttribution does;
+    see docs/language-models.md. The stream is framed like Analyze's: a header, chunks,
+    then a summary.
+    """
 
 @_typing.type_check_only
 class GradientServiceAsyncStub(GradientServiceStub):
@@ -95,6 +101,12 @@ class GradientServiceAsyncStub(GradientServiceStub):
     item's result comes back framed like Analyze's, tagged with the item's position, in
     request order. After the last item the server may send a running aggregate over all
     of them. A failed item ends the stream with its status; see docs/batch-jobs.md.
+    """
+    AttributeTokens: _aio.UnaryStreamMultiCallable[_gradtap_pb2.AttributeTokensRequest, _gradtap_pb2.AttributeTokensResponse]  # type: ignore[assignment]
+    """Attributes a language model's log-probability of each continuation token (or, for an
+    encoder, an objective) to each prompt token, as Captum's LLMGradientAttribution does;
+    see docs/language-models.md. The stream is framed like Analyze's: a header, chunks,
+    then a summary.
     """
 
 class GradientServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -160,6 +172,18 @@ class GradientServiceServicer(metaclass=_abc_1.ABCMeta):
         item's result comes back framed like Analyze's, tagged with the item's position, in
         request order. After the last item the server may send a running aggregate over all
         of them. A failed item ends the stream with its status; see docs/batch-jobs.md.
+        """
+
+    @_abc_1.abstractmethod
+    def AttributeTokens(
+        self,
+        request: _gradtap_pb2.AttributeTokensRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_gradtap_pb2.AttributeTokensResponse], _abc.AsyncIterator[_gradtap_pb2.AttributeTokensResponse]]:
+        """Attributes a language model's log-probability of each continuation token (or, for an
+        encoder, an objective) to each prompt token, as Captum's LLMGradientAttribution does;
+        see docs/language-models.md. The stream is framed like Analyze's: a header, chunks,
+        then a summary.
         """
 
 def add_GradientServiceServicer_to_server(servicer: GradientServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

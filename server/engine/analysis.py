@@ -22,11 +22,11 @@ from typing import Any
 import torch
 
 from ..errors import Cancelled, InvalidArgument, ResourceExhausted
-from ..models.model import Model, dtype_name
+from ..models.model import Model, bindings, dtype_name, shape_of
 from . import graph
 from . import reduce as _reduce
 from .graph import ShouldStop, never
-from .objectives import Objective, loss
+from .objectives import Objective, check, loss
 
 PLANS_PER_MODEL = 256
 """Resolved request plans kept per model (one per distinct set of targets and objective site)."""
@@ -45,6 +45,7 @@ class Role(enum.Enum):
     MEAN_ABS_GRADIENT = "mean_abs_gradient"
     ATTRIBUTION = "attribution"
     ADVERSARIAL = "adversarial"
+    ATTRIBUTION_PATCHING = "attribution_patching"
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,8 @@ class Target:
     gradient: bool = True
     reduction: _reduce.Reduction | None = None
     """Reduced on the device before the host copy (engine/reduce.py); None sends it whole."""
+    patching: bool = False
+    """Attribution patching: (activation at corrupt_inputs - activation) * gradient."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,8 @@ class Analysis:
     outputs: bool = False
     autocast: bool = False
     """Run the forward pass under torch.autocast(bfloat16)."""
+    corrupt_inputs: Sequence[torch.Tensor] = ()
+    """Attribution patching: inputs shaped like `inputs`, run forward without gradients."""
 
 
 @dataclass(frozen=True)
@@ -150,6 +155,8 @@ class Engine:
         plan = self._planned(model, request)
         param_positions = plan.param_positions
         objective = request.objective
+        if objective is not None:
+            _check_objective(model, request.inputs, objective, plan.site_node)
         if should_stop():
             raise Cancelled("the call was cancelled", reason="CANCELLED")
         timings: dict[str, float] = {}
@@ -179,6 +186,7 @@ class Engine:
             )
             try:
                 graph.watch(should_stop)
+                corrupt = self._corrupt(model, request, plan, state, autocast)
                 if autocast is None:
                     flat = plan.run(*state, *inputs)
                 else:
@@ -241,6 +249,13 @@ class Engine:
         t0 = time.perf_counter()
         tensors: list[Collected] = []
         for i, (target, node) in enumerate(zip(request.targets, plan.target_nodes)):
+            if target.patching:
+                patched = (corrupt[node] - captured[node].detach()) * gradients[node]
+                r = _reduce.apply(target.reduction, None, patched, f"targets[{i}]")
+                assert r.gradient is not None
+                role = Role.ATTRIBUTION_PATCHING
+                tensors.append(Collected(role, target.name, 0, _detached(r.gradient), r.applied))
+                continue
             if target.reduction is None:
                 if target.activation:
                     tensors.append(
@@ -251,9 +266,10 @@ class Engine:
                         Collected(Role.GRADIENT, target.name, 0, _detached(gradients[node]))
                     )
                 continue
+            product = target.reduction.reduce is _reduce.Reduce.GRADIENT_X_ACTIVATION
             r = _reduce.apply(
                 target.reduction,
-                captured[node] if target.activation else None,
+                captured[node] if target.activation or product else None,
                 gradients[node] if target.gradient else None,
                 f"targets[{i}]",
             )
@@ -309,7 +325,9 @@ class Engine:
         target_nodes = _target_nodes(model, request.targets)
         site_node = _site_node(model, objective)
         param_positions = tuple(model.param_positions(request.param_grads))
-        wants_grad = request.input_gradients or any(t.gradient for t in request.targets)
+        wants_grad = request.input_gradients or any(
+            t.gradient or t.patching for t in request.targets
+        )
         if (wants_grad or param_positions) and objective is None:
             raise InvalidArgument(
                 "gradients need an objective (sum, logit, cross_entropy, mse or grad_outputs)",
@@ -317,7 +335,9 @@ class Engine:
                 field="objective",
             )
         grad_nodes = tuple(
-            dict.fromkeys(node for t, node in zip(request.targets, target_nodes) if t.gradient)
+            dict.fromkeys(
+                node for t, node in zip(request.targets, target_nodes) if t.gradient or t.patching
+            )
         )
         # The nodes that must carry gradients: gradient targets and the objective's site.
         grad_sites = list(grad_nodes)
@@ -353,6 +373,28 @@ class Engine:
         with self._lock:
             self._plans.pop(model.key, None)
         self._variants.forget(model)
+    def _corrupt(
+        self,
+        model: Model,
+        request: Analysis,
+        plan: _Plan,
+        state: tuple[torch.Tensor, ...],
+        autocast: Any,
+    ) -> dict[str, torch.Tensor]:
+        """Attribution patching's second forward pass, on the corrupted inputs and without
+        gradients: the patched targets' activations there, by node."""
+        if not request.corrupt_inputs:
+            return {}
+        patched = {n for t, n in zip(request.targets, plan.target_nodes) if t.patching}
+        with torch.no_grad():
+            inputs = [t.to(self.device) for t in request.corrupt_inputs]
+            if autocast is None:
+                flat = plan.run(*state, *inputs)
+            else:
+                with autocast:
+                    flat = plan.run(*state, *inputs)
+        n_out = len(model.output_positions)
+        return {n: v for n, v in zip(plan.captures, flat[n_out:]) if n in patched}
 
     def _sync(self) -> None:
         if self._cuda:
@@ -362,7 +404,7 @@ class Engine:
 def _target_nodes(model: Model, targets: Sequence[Target]) -> list[str]:
     """Each target's node, every target checked: it resolves, is not repeated, has a gradient
     if one is asked for, and its reduction fits the node."""
-    seen: set[tuple[str, bool, bool]] = set()
+    seen: set[tuple[str, bool, bool, bool]] = set()
     nodes = []
     for i, target in enumerate(targets):
         node = model.resolve(target.name)
@@ -373,15 +415,15 @@ def _target_nodes(model: Model, targets: Sequence[Target]) -> list[str]:
                 reason="UNKNOWN_TARGET",
                 field=f"targets[{i}].name",
             )
-        key = (target.name, target.activation, target.gradient)
-        if key in seen or (target.name, True, True) in seen:
+        key = (target.name, target.activation, target.gradient, target.patching)
+        if key in seen or (target.name, True, True, False) in seen:
             raise InvalidArgument(
                 f"target {_clip(target.name)!r} is requested twice",
                 reason="DUPLICATE_TARGET",
                 field=f"targets[{i}].name",
             )
         seen.add(key)
-        if target.gradient and not model.nodes[node].differentiable:
+        if (target.gradient or target.patching) and not model.nodes[node].differentiable:
             raise InvalidArgument(
                 f"target {_clip(target.name)!r} has dtype "
                 f"{dtype_name(model.nodes[node].spec.dtype)}: it has an activation "
@@ -391,6 +433,16 @@ def _target_nodes(model: Model, targets: Sequence[Target]) -> list[str]:
             )
         if target.reduction is not None:
             _reduce.check(target.reduction, model.nodes[node].spec, f"targets[{i}]")
+            if target.reduction.reduce is _reduce.Reduce.GRADIENT_X_ACTIVATION and (
+                target.activation or target.patching or not target.gradient
+            ):
+                raise InvalidArgument(
+                    f"targets[{i}]: reduce gradient_x_activation sends one tensor, the "
+                    "gradient times the activation, as the gradient: capture the gradient "
+                    "alone (the activation, if wanted, as a second target)",
+                    reason="BAD_REDUCTION",
+                    field=f"targets[{i}].capture",
+                )
         nodes.append(node)
     return nodes
 
@@ -417,6 +469,19 @@ def _site_node(model: Model, objective: Objective | None) -> str | None:
             field=f"{objective.field}.site.node",
         )
     return node
+
+
+def _check_objective(
+    model: Model, inputs: Sequence[torch.Tensor], objective: Objective, site_node: str | None
+) -> None:
+    """Checks the objective (each merged part on its rows) against the site's shape, from the
+    graph's symbolic shapes: every misfit is refused before the forward pass."""
+    spec = model.nodes[site_node].spec if site_node else model.outputs[objective.output]
+    shape = shape_of(spec, bindings(model, inputs))
+    if not objective.parts:
+        check(objective, shape, spec.dtype)
+    for start, end, part in objective.parts:
+        check(part, (end - start, *shape[1:]), spec.dtype)
 
 
 def _grad(scalar: torch.Tensor, wrt: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -159,6 +159,8 @@ class Batcher:
         """Requests with equal keys can share a pass; None means run alone."""
         if self.max_batch_size <= 1 or getattr(analysis, "param_grads", None):
             return None
+        if getattr(analysis, "corrupt_inputs", None):  # attribution patching runs alone
+            return None
         symbol = self._symbol(model)
         if symbol is None or len(analysis.inputs) != len(model.inputs):
             return None

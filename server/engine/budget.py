@@ -3,42 +3,24 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-
-import torch
 
 from ..errors import ResourceExhausted
-from ..models.model import ALL_PARAMETERS, Dim, Model
+from ..models.model import ALL_PARAMETERS, Dim, Model, bindings, size_of
 from .analysis import Analysis
 
 
-def _bindings(model: Model, inputs: Sequence[torch.Tensor]) -> dict[str, int]:
-    """Symbol name -> size, from the inputs (already checked against the specs); tensors on
-    the meta device do, as only their shapes are read."""
-    bound: dict[str, int] = {}
-    for spec, tensor in zip(model.inputs, inputs):
-        for dim, size in zip(spec.dims, tensor.shape):
-            if dim.size is None and dim.expr is not None and dim.expr.is_Symbol:
-                bound[dim.symbol] = int(size)
-    return bound
-
-
 def _size(dim: Dim, bound: dict[str, int]) -> int:
-    if dim.size is not None:
-        return dim.size
-    if dim.symbol in bound:
-        return bound[dim.symbol]
-    if dim.expr is not None:  # a derived size such as 2*s77
-        value = dim.expr.subs({s: bound.get(str(s), 0) for s in dim.expr.free_symbols})
-        if value.is_number:
-            return max(int(value), 0)
+    """The dimension's size, or its largest where the graph computes it from data."""
+    size = size_of(dim, bound)
+    if size is not None:
+        return size
     return dim.max if dim.max is not None else 0
 
 
 def tensor_bytes(model: Model, analysis: Analysis) -> list[int]:
     """The bytes of each tensor the result will hold: captured tensors, input and parameter
     gradients, outputs. Reduced targets are left out (their results are small)."""
-    bound = _bindings(model, analysis.inputs)
+    bound = bindings(model, analysis.inputs)
     sizes = []
     for target in analysis.targets:
         node = model.resolve(target.name)
@@ -46,7 +28,7 @@ def tensor_bytes(model: Model, analysis: Analysis) -> list[int]:
             continue
         spec = model.nodes[node].spec
         nbytes = math.prod(_size(d, bound) for d in spec.dims) * spec.dtype.itemsize
-        sizes += [nbytes] * (int(target.activation) + int(target.gradient))
+        sizes += [nbytes] * (int(target.activation) + int(target.gradient) + int(target.patching))
     if analysis.input_gradients:
         sizes += [t.numel() * t.element_size() for t in analysis.inputs if t.is_floating_point()]
     if analysis.outputs:

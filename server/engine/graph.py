@@ -104,6 +104,36 @@ def _compiled(model: Model, captures: tuple[str, ...]) -> torch.fx.GraphModule:
     return torch.fx.GraphModule(model.program.graph_module, graph)
 
 
+def substituted(model: Model, node: str, captures: tuple[str, ...] = ()) -> torch.fx.GraphModule:
+    """The model's flat graph with `node`'s value taken from an extra last input instead of
+    computed: forward(*state, *inputs, value) -> (user outputs..., captured nodes...).
+
+    This is how a layer method patches a layer's output (Captum's forward hooks do the same
+    on modules): the value fed in may be interpolated, and its gradient is the node's.
+    """
+    source = model.program.graph
+    graph = torch.fx.Graph()
+    copied: dict[torch.fx.Node, torch.fx.Node] = {}
+    flat_outputs = graph.graph_copy(source, copied)
+    assert isinstance(flat_outputs, (tuple, list))
+    by_name = {old.name: new for old, new in copied.items()}
+    last_input = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    with graph.inserting_after(last_input):
+        value = graph.placeholder("gradtap_substitute")
+    by_name[node].replace_all_uses_with(value)
+    for n in list(graph.nodes):
+        if n.op == "call_function":
+            with graph.inserting_after(n):
+                graph.call_function(_checkpoint)
+    replaced = by_name[node]
+    user_outputs = [
+        value if flat_outputs[p] is replaced else flat_outputs[p] for p in model.output_positions
+    ]
+    captured = [value if name == node else by_name[name] for name in captures]
+    graph.output((*user_outputs, *captured))
+    return torch.fx.GraphModule(model.program.graph_module, graph)
+
+
 class _Capturing(torch.fx.Interpreter):
     """Runs a graph node by node, keeping the values of the wanted nodes."""
 

@@ -30,6 +30,8 @@ class Reduce(enum.Enum):
     NORM = "norm"
     """The L2 norm: sqrt(sum(x * x))."""
     MAX = "max"
+    GRADIENT_X_ACTIVATION = "gradient_x_activation"
+    """The sum of gradient times activation; one tensor results."""
 
 
 TRANSFER_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -161,8 +163,15 @@ def apply(
         return Reduced(activation, gradient, None, None)
     rank = (gradient if gradient is not None else activation).dim()  # type: ignore[union-attr]
     dims = resolve_dims(reduction, rank)
-    act = None if activation is None else _over(activation.detach(), reduction.reduce, dims)
-    grad = None if gradient is None else _over(gradient.detach(), reduction.reduce, dims)
+    act: torch.Tensor | None
+    grad: torch.Tensor | None
+    if reduction.reduce is Reduce.GRADIENT_X_ACTIVATION:
+        assert activation is not None and gradient is not None
+        product = gradient.detach() * activation.detach()
+        act, grad = None, _over(product, Reduce.SUM, dims) if dims else product
+    else:
+        act = None if activation is None else _over(activation.detach(), reduction.reduce, dims)
+        grad = None if gradient is None else _over(gradient.detach(), reduction.reduce, dims)
     key = grad if grad is not None else act
     assert key is not None
     reduced_shape = tuple(key.shape)

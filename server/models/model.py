@@ -175,6 +175,40 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def bindings(model: Model, inputs: Sequence[torch.Tensor]) -> dict[str, int]:
+    """Symbol name -> size, from inputs that fit the model (`Model.check_inputs`); tensors on
+    the meta device do, as only their shapes are read."""
+    bound: dict[str, int] = {}
+    for spec, tensor in zip(model.inputs, inputs):
+        for dim, size in zip(spec.dims, tensor.shape):
+            if dim.size is None and dim.expr is not None and dim.expr.is_Symbol:
+                bound[dim.symbol] = int(size)
+    return bound
+
+
+def size_of(dim: Dim, bound: dict[str, int]) -> int | None:
+    """A dimension's size once the input symbols are bound; None when it stays unknown (a
+    size the graph computes from data)."""
+    if dim.size is not None:
+        return dim.size
+    if dim.symbol in bound:
+        return bound[dim.symbol]
+    if (
+        dim.expr is not None
+        and dim.expr.free_symbols
+        and all(str(s) in bound for s in dim.expr.free_symbols)
+    ):  # a derived size such as 2*s77
+        value = dim.expr.subs({s: bound[str(s)] for s in dim.expr.free_symbols})
+        if value.is_number:
+            return max(int(value), 0)
+    return None
+
+
+def shape_of(spec: Spec, bound: dict[str, int]) -> tuple[int | None, ...]:
+    """A node's (or output's) shape for inputs whose symbols are `bound`; None where unknown."""
+    return tuple(size_of(d, bound) for d in spec.dims)
+
+
 def _shape_text(dims: Sequence[Dim]) -> str:
     return "[" + ", ".join(str(d.size) if d.size is not None else d.symbol for d in dims) + "]"
 

@@ -23,9 +23,10 @@ from ..engine.aggregate import Aggregator
 from ..engine.analysis import Engine
 from ..engine.attribution import attribute
 from ..engine.batching import Batcher
+from ..engine.tokens import TokenAttributor
 from ..models.model import Model
 from ..models.registry import Registry
-from ..wire import requests, responses, shm
+from ..wire import requests, responses, shm, tokens
 from ..wire.requests import Limits
 from . import deadline
 from .release import Releaser
@@ -53,6 +54,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         self.limits = limits or Limits()
         self.replica = replica_id()
         self._releaser = Releaser()
+        self._tokens = TokenAttributor(engine)
 
     def close(self) -> None:
         """Releases what finished calls left behind; call it once the server has stopped."""
@@ -158,3 +160,14 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
                 self.engine, model, perturbation, should_stop=lambda: not context.is_active()
             )
             yield from responses.perturb_stream(steps, model, self.replica, started)
+
+    @status_mapped
+    def AttributeTokens(
+        self, request: pb.AttributeTokensRequest, context: grpc.ServicerContext
+    ) -> Iterator[Any]:  # messages, or pre-encoded chunk messages (bytes)
+        started = time.perf_counter()
+        with requests.model(self.registry, request.model) as model:
+            attribution = tokens.attribution(request, self.limits)
+            with deadline.time_limit(context) as should_stop:
+                outcome = self._tokens.attribute(model, attribution, should_stop=should_stop)
+            yield from tokens.stream(outcome, model, self.replica, started)

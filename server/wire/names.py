@@ -18,7 +18,7 @@ import torch
 
 from gradtap.v1 import gradtap_pb2 as pb
 
-from ..engine import adversarial, attribution, captum_bridge
+from ..engine import adversarial, attribution, captum_bridge, tokens
 from ..engine.analysis import Role
 from ..engine.objectives import LossReduction
 from ..engine.reduce import Reduce
@@ -79,3 +79,4 @@ ATTRIBUTION_METHODS = _spelled(pb.AttributionMethod, attribution.METHODS)
 INTEGRATION_METHODS = _spelled(pb.IntegrationMethod, captum_bridge.INTEGRATION_METHODS)
 PERTURB_METHODS = _spelled(pb.PerturbMethod, adversarial.METHODS)
 NORMS = _spelled(pb.PerturbNorm, adversarial.NORMS)
+TOKEN_AGGREGATES = _spelled(pb.TokenAggregate, tokens.AGGREGATES)

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 
+import torch
 from google.protobuf.message import Message
 
 from gradtap.v1 import gradtap_pb2 as pb
@@ -25,7 +26,7 @@ from ..engine.adversarial import ZERO_THRESHOLD, Perturbation
 from ..engine.aggregate import Aggregator
 from ..engine.analysis import Analysis, Target
 from ..engine.attribution import Attribution
-from ..engine.objectives import LossReduction, Objective
+from ..engine.objectives import IGNORE_INDEX, LossReduction, Objective
 from ..engine.reduce import Reduction
 from ..errors import InvalidArgument, RequestError
 from ..models.model import Model
@@ -46,12 +47,13 @@ class Limits:
 
 
 _CAPTURES = {
-    pb.CAPTURE_UNSPECIFIED: (False, True),
-    pb.CAPTURE_GRADIENT: (False, True),
-    pb.CAPTURE_ACTIVATION: (True, False),
-    pb.CAPTURE_GRADIENT_AND_ACTIVATION: (True, True),
+    pb.CAPTURE_UNSPECIFIED: (False, True, False),
+    pb.CAPTURE_GRADIENT: (False, True, False),
+    pb.CAPTURE_ACTIVATION: (True, False, False),
+    pb.CAPTURE_GRADIENT_AND_ACTIVATION: (True, True, False),
+    pb.CAPTURE_ATTRIBUTION_PATCHING: (False, False, True),
 }
-"""Capture -> (activation, gradient)."""
+"""Capture -> (activation, gradient, attribution patching)."""
 
 _AUTOCAST = {
     pb.PRECISION_UNSPECIFIED: False,
@@ -177,7 +179,10 @@ class _Checked:
             for i, t in enumerate(request.inputs)
         ]
         targets = [_target(t, i) for i, t in enumerate(request.targets)]
-        objective = _objective(request.objective, limits) if request.HasField("objective") else None
+        corrupt = _corrupt_inputs(request, inputs, targets, limits)
+        objective = (
+            objective_of(request.objective, limits) if request.HasField("objective") else None
+        )
         if request.precision not in _AUTOCAST:
             raise InvalidArgument(
                 f"precision has unknown value {request.precision}",
@@ -192,6 +197,7 @@ class _Checked:
             outputs=request.outputs,
             param_grads=list(request.param_grads),
             autocast=_AUTOCAST[request.precision],
+            corrupt_inputs=corrupt,
         )
         served.check_inputs(inputs)
         sizes = budget.check(served, analysis, limits.max_result_bytes)
@@ -201,9 +207,57 @@ class _Checked:
         """The analysis with every tensor's bytes copied out of the request."""
         objective = self.analysis.objective
         if objective is not None:
-            objective = _copied(self.request.objective, objective)
+            objective = objective_copied(self.request.objective, objective)
         inputs = [copied(m, t) for m, t in zip(self.request.inputs, self.analysis.inputs)]
-        return replace(self.analysis, inputs=inputs, objective=objective)
+        corrupt = [
+            copied(m, t) for m, t in zip(self.request.corrupt_inputs, self.analysis.corrupt_inputs)
+        ]
+        return replace(self.analysis, inputs=inputs, objective=objective, corrupt_inputs=corrupt)
+
+
+def _corrupt_inputs(
+    request: pb.AnalyzeRequest,
+    inputs: Sequence[torch.Tensor],
+    targets: Sequence[Target],
+    limits: Limits,
+) -> list[torch.Tensor]:
+    """Attribution patching's corrupted inputs, declared: one per input, of its dtype and
+    shape; there only with a target captured as ATTRIBUTION_PATCHING, and required by one."""
+    corrupt = [
+        declared(t, f"corrupt_inputs[{i}]", limits.max_tensor_elements)
+        for i, t in enumerate(request.corrupt_inputs)
+    ]
+    patching = any(t.patching for t in targets)
+    if patching and not corrupt:
+        raise InvalidArgument(
+            "attribution patching needs corrupt_inputs: the corrupted inputs, shaped like inputs",
+            reason="CORRUPT_INPUTS_REQUIRED",
+            field="corrupt_inputs",
+        )
+    if corrupt and not patching:
+        raise InvalidArgument(
+            "corrupt_inputs are for attribution patching: capture at least one target as "
+            "ATTRIBUTION_PATCHING",
+            reason="PATCHING_TARGET_REQUIRED",
+            field="targets",
+        )
+    if corrupt and len(corrupt) != len(inputs):
+        raise InvalidArgument(
+            f"corrupt_inputs has {len(corrupt)} tensor(s); inputs has {len(inputs)}",
+            reason="WRONG_INPUT_COUNT",
+            field="corrupt_inputs",
+        )
+    for i, (bad, good) in enumerate(zip(corrupt, inputs)):
+        if bad.dtype != good.dtype or bad.shape != good.shape:
+            raise InvalidArgument(
+                f"corrupt_inputs[{i}] has dtype {str(bad.dtype).removeprefix('torch.')} and "
+                f"shape {list(bad.shape)}; inputs[{i}] has "
+                f"{str(good.dtype).removeprefix('torch.')} and {list(good.shape)}: clean and "
+                "corrupted inputs must match",
+                reason="WRONG_SHAPE" if bad.dtype == good.dtype else "WRONG_DTYPE",
+                field=f"corrupt_inputs[{i}]",
+            )
+    return corrupt
 
 
 def _target(target: pb.TargetLayer, i: int) -> Target:
@@ -217,12 +271,13 @@ def _target(target: pb.TargetLayer, i: int) -> Target:
             reason="BAD_CAPTURE",
             field=f"targets[{i}].capture",
         )
-    activation, gradient = _CAPTURES[target.capture]
+    activation, gradient, patching = _CAPTURES[target.capture]
     return Target(
         name=target.name,
         activation=activation,
         gradient=gradient,
         reduction=_reduction(target, i),
+        patching=patching,
     )
 
 
@@ -252,15 +307,16 @@ def _reduction(target: pb.TargetLayer, i: int) -> Reduction | None:
     return None if reduction == Reduction() else reduction
 
 
-_OBJECTIVE_TENSORS = ("labels", "expected", "grad_output")
-"""The tensor fields of the objective kinds; each kind has one at most."""
+_OBJECTIVE_TENSORS = ("labels", "expected", "grad_output", "tokens")
+"""The tensor fields of the objective kinds; each kind has one at most (log_prob also has
+positions)."""
 
 
 def _has(body: Message, name: str) -> bool:
     return name in body.DESCRIPTOR.fields_by_name and body.HasField(name)
 
 
-def _objective(message: pb.Objective, limits: Limits) -> Objective:
+def objective_of(message: pb.Objective, limits: Limits) -> Objective:
     """The objective, its tensor (if its kind has one) declared on the meta device."""
     kind = message.WhichOneof("kind")
     if kind is None:
@@ -273,6 +329,9 @@ def _objective(message: pb.Objective, limits: Limits) -> Objective:
     for name in _OBJECTIVE_TENSORS:
         if _has(body, name):
             tensor = declared(getattr(body, name), f"{field}.{name}", limits.max_tensor_elements)
+    positions = None
+    if _has(body, "positions"):
+        positions = declared(body.positions, f"{field}.positions", limits.max_tensor_elements)
     reduction = LossReduction.MEAN
     if "reduction" in body.DESCRIPTOR.fields_by_name and body.reduction:
         found = names.LOSS_REDUCTIONS.get(body.reduction)
@@ -283,22 +342,36 @@ def _objective(message: pb.Objective, limits: Limits) -> Objective:
                 field=f"{field}.reduction",
             )
         reduction = found
+    index: tuple[int, ...] = ()
+    if kind == "logit":
+        index = tuple(body.index)
+    elif kind == "logit_diff":
+        index = tuple(body.correct)
     return Objective(
         kind=kind,
         output=body.site.output,
         node=body.site.node,
-        index=tuple(body.index) if kind == "logit" else (),
+        index=index,
         tensor=tensor,
         reduction=reduction,
         field=field,
+        position=body.position if _has(body, "position") else None,
+        wrong=tuple(body.wrong) if kind == "logit_diff" else (),
+        probabilities=kind == "logit_diff" and body.probabilities,
+        positions=positions,
+        class_dim=body.class_dim if _has(body, "class_dim") else None,
+        ignore_index=body.ignore_index if _has(body, "ignore_index") else IGNORE_INDEX,
+        shift=kind == "cross_entropy" and body.shift,
     )
 
 
-def _copied(message: pb.Objective, objective: Objective) -> Objective:
-    """The objective with its tensor's bytes copied out of `message` (see `_objective`)."""
+def objective_copied(message: pb.Objective, objective: Objective) -> Objective:
+    """The objective with its tensors' bytes copied out of `message` (see `objective_of`)."""
+    body = getattr(message, message.WhichOneof("kind") or "")
+    if objective.positions is not None:
+        objective = replace(objective, positions=copied(body.positions, objective.positions))
     if objective.tensor is None:
         return objective
-    body = getattr(message, message.WhichOneof("kind") or "")
     source = next(getattr(body, name) for name in _OBJECTIVE_TENSORS if _has(body, name))
     return replace(objective, tensor=copied(source, objective.tensor))
 
@@ -362,7 +435,7 @@ def attribution(request: pb.AttributeRequest, served: Model, limits: Limits) -> 
 
 def perturbation(request: pb.PerturbRequest, served: Model, limits: Limits) -> Perturbation:
     """Checks and decodes a Perturb request."""
-    objective = _objective(request.objective, limits) if request.HasField("objective") else None
+    objective = objective_of(request.objective, limits) if request.HasField("objective") else None
     method = names.PERTURB_METHODS.get(request.method)
     if method is None:
         raise _enum_error("perturbation method (fgsm or pgd)", request.method, "method")
@@ -390,7 +463,7 @@ def perturbation(request: pb.PerturbRequest, served: Model, limits: Limits) -> P
     served.check_inputs(inputs)
     return Perturbation(
         inputs=[copied(m, t) for m, t in zip(request.inputs, inputs)],
-        objective=_copied(request.objective, objective),
+        objective=objective_copied(request.objective, objective),
         method=method,
         epsilon=request.epsilon,
         step_size=request.step_size,
