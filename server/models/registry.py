@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 from torch.export import ExportedProgram
 
 from ..errors import ModelLoadError
-from .archive import archive_options, load_archive
+from .archive import read_archive
 from .model import Model, prepare
+from .structures import Renamed
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +28,20 @@ class Registry:
         self.device = device
         self._models: dict[str, Model] = {}
 
-    def add(self, name: str, source: str, program: ExportedProgram) -> Model:
+    def add(
+        self,
+        name: str,
+        source: str,
+        program: ExportedProgram,
+        *,
+        dims: dict[str, str] | None = None,
+        renamed: Sequence[Renamed] = (),
+    ) -> Model:
         if not MODEL_NAME.fullmatch(name):
             raise ModelLoadError(f"model name {name!r} does not match {MODEL_NAME.pattern}")
         if name in self._models:
             raise ModelLoadError(f"model {name!r} is defined twice")
-        model = prepare(name, source, program, self.device)
+        model = prepare(name, source, program, self.device, dims=dims, renamed=renamed)
         self._models[name] = model
         return model
 
@@ -54,10 +63,24 @@ def load_repository(registry: Registry, directory: Path) -> list[str]:
         try:
             if not path.is_file():
                 raise ModelLoadError("not a regular file")
-            data = path.read_bytes()
-            options = archive_options(data)
-            model = registry.add(name, "repository", load_archive(data))
+            archive = read_archive(path.read_bytes())
+            options = archive.options
+            model = registry.add(
+                name,
+                "repository",
+                archive.program,
+                dims=options.get("dims"),
+                renamed=archive.renamed,
+            )
             model.batchable = bool(options.get("batching", True))
+            for renamed in archive.renamed:
+                log.info(
+                    "%s: serving its %s, a %s, as the fields %s",
+                    path.name,
+                    renamed.where,
+                    renamed.type,
+                    ", ".join(renamed.fields),
+                )
         except ModelLoadError as e:
             log.error("refusing model archive %s: %s", path.name, e)
             refused.append(name)
