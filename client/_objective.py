@@ -18,10 +18,25 @@ _REDUCTIONS: dict[str, pb.LossReduction.ValueType] = {
 }
 
 
-def _site(output: int, node: str | None) -> pb.ObjectiveSite:
+Output = int | str
+"""An output by position (0) or by name, as describe() names it ("logits")."""
+
+
+def output_fields(output: Output) -> dict[str, Any]:
+    """The request fields that pick `output`: {"output": 2} or {"output_name": "logits"}."""
+    if isinstance(output, str):
+        if not output:
+            raise ValueError("output must be a position or a name, not an empty string")
+        return {"output_name": output}
+    if isinstance(output, bool) or not isinstance(output, (int, np.integer)):
+        raise TypeError(f"output must be a position (int) or a name (str), not {output!r}")
     if output < 0:
         raise ValueError("output must be >= 0")
-    return pb.ObjectiveSite(output=output, node=node or "")
+    return {"output": int(output)}
+
+
+def _site(output: Output, node: str | None) -> pb.ObjectiveSite:
+    return pb.ObjectiveSite(node=node or "", **output_fields(output))
 
 
 def _reduction(reduction: str) -> pb.LossReduction.ValueType:
@@ -34,8 +49,9 @@ class Objective:
     """The scalar to differentiate, taken at a model output or at an intermediate node.
 
     Build one with the class methods. Every constructor takes what it compares with first,
-    then the site: `output` picks among a model's outputs (tuple models), `node` takes the
-    objective at a graph node or module path instead.
+    then the site: `output` picks among a model's outputs, by position (0) or by the name
+    describe() gives it ("logits"); `node` takes the objective at a graph node or module
+    path instead.
     """
 
     def __init__(self, message: pb.Objective) -> None:
@@ -44,19 +60,22 @@ class Objective:
     def __repr__(self) -> str:
         kind = self.message.WhichOneof("kind")
         site = getattr(self.message, kind).site if kind else None
-        where = (
-            f"node={site.node!r}" if site and site.node else f"output={site.output if site else 0}"
-        )
+        if site and site.node:
+            where = f"node={site.node!r}"
+        elif site and site.output_name:
+            where = f"output={site.output_name!r}"
+        else:
+            where = f"output={site.output if site else 0}"
         return f"Objective.{kind}({where})"
 
     @classmethod
-    def sum(cls, output: int = 0, node: str | None = None) -> Objective:
+    def sum(cls, output: Output = 0, node: str | None = None) -> Objective:
         """The sum of every element of the output (or node)."""
         return cls(pb.Objective(sum=pb.SumObjective(site=_site(output, node))))
 
     @classmethod
     def logit(
-        cls, index: int | Sequence[int], output: int = 0, node: str | None = None
+        cls, index: int | Sequence[int], output: Output = 0, node: str | None = None
     ) -> Objective:
         """The sum over rows of element `index` of each row; or one index per row."""
         indices = [int(i) for i in np.atleast_1d(np.asarray(index, dtype=np.int64))]
@@ -64,7 +83,7 @@ class Objective:
 
     @classmethod
     def cross_entropy(
-        cls, labels: Any, output: int = 0, node: str | None = None, reduction: str = "mean"
+        cls, labels: Any, output: Output = 0, node: str | None = None, reduction: str = "mean"
     ) -> Objective:
         """F.cross_entropy(logits, labels): labels are class indices, one per row."""
         message = pb.CrossEntropyObjective(
@@ -77,7 +96,7 @@ class Objective:
     @classmethod
     @legacy.accepts(legacy.mse_arguments)
     def mse(
-        cls, expected: Any, output: int = 0, node: str | None = None, reduction: str = "mean"
+        cls, expected: Any, output: Output = 0, node: str | None = None, reduction: str = "mean"
     ) -> Objective:
         """F.mse_loss(site, expected): `expected` has the site's shape; with `node`, the site
         is that node's activation."""
@@ -89,7 +108,7 @@ class Objective:
         return cls(pb.Objective(mse=message))
 
     @classmethod
-    def grad_outputs(cls, array: Any, output: int = 0, node: str | None = None) -> Objective:
+    def grad_outputs(cls, array: Any, output: Output = 0, node: str | None = None) -> Objective:
         """A vector-Jacobian product: `array` is the upstream gradient at the site."""
         message = pb.GradOutputsObjective(
             site=_site(output, node), grad_output=encode(np.asarray(array))

@@ -236,6 +236,15 @@ def shape_text(dims: Sequence[Dim]) -> str:
     return "(" + ", ".join(d.text() for d in dims) + ")"
 
 
+def dims_text(dims: Sequence[Dim]) -> str:
+    """A shape with its dynamic dimensions named and no ranges: `(batch, sequence, 50257)`."""
+    return (
+        "("
+        + ", ".join(str(d.size) if d.size is not None else d.name or d.symbol for d in dims)
+        + ")"
+    )
+
+
 def _input_label(spec: Spec, i: int) -> str:
     return f"{spec.name} " if spec.name and spec.name != str(i) else ""
 
