@@ -33,6 +33,11 @@ class Exported:
     data: bytes
     model: Model
     """The archive as gradtap serves it."""
+    module: nn.Module
+    """The module that was exported (for a causal language model, with its mask-following
+    forward), to compare with."""
+    inputs: dict[str, Any]
+    """The example inputs it was exported with, by name."""
     max_abs_diff: float
     """The largest |served - original| over every output of every checked input."""
     worst_ratio: float
@@ -128,6 +133,8 @@ def export(source: str, options: ExportOptions | None = None) -> Exported:
     return Exported(
         data=data,
         model=model,
+        module=built.module,
+        inputs=built.inputs,
         max_abs_diff=worst_abs,
         worst_ratio=worst_ratio,
         checked=checked,

@@ -135,11 +135,6 @@ class Model:
             field=field,
         )
 
-    def takes(self) -> str:
-        """What the model takes, in the user's words: `(batch 1..64, sequence 2..512)`, one
-        shape per input."""
-        return ", ".join(shape_text(spec.dims) for spec in self.inputs)
-
     def check_inputs(self, inputs: Sequence[torch.Tensor]) -> None:
         """Checks count, dtype and shape of every input against the exported input specs.
 

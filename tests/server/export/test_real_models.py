@@ -13,6 +13,7 @@ from gradtap.client import Client, GradtapError, Objective, Target
 from gradtap.server.export.huggingface import hf_model
 from torch import nn
 
+from ...cli.running import gradtap
 from .conftest import SEQUENCE, RealServed
 
 RTOL, ATOL = 1e-4, 1e-5
@@ -197,3 +198,37 @@ def test_the_causal_lm_check_of_the_export_covers_a_left_padded_row(real: RealSe
     assert real.exported["gpt2"].checked == 3  # two inputs, and the padded row
     assert real.exported["gpt2"].worst_ratio <= 1.0
     assert real.exported["bert"].checked == 2
+
+
+def test_the_cli_describes_names_and_sends_token_ids_from_the_vocabulary(
+    real: RealServed,
+) -> None:
+    described = gradtap("describe", "gpt2", "--address", real.address)
+    assert described.returncode == 0, described.stderr
+    assert "input_ids       int64  (batch, sequence)" in described.stdout
+    assert "batch 1..64, sequence 2..32  0..96" in described.stdout
+    assert "logits  float32  (batch, sequence, 97)" in described.stdout
+    analyzed = gradtap(
+        "analyze",
+        "t5",
+        "--objective",
+        "sum",
+        "--objective-output",
+        "encoder_last_hidden_state",
+        "--address",
+        real.address,
+    )
+    assert analyzed.returncode == 0, analyzed.stderr
+    assert "objective  sum at output encoder_last_hidden_state" in analyzed.stdout
+    assert "(input_ids) is random int64 (1, 16), token ids drawn from 0..96" in analyzed.stderr
+    assert "(attention_mask) is random int64 (1, 16), all ones (a mask)" in analyzed.stderr
+
+
+def test_the_cli_lists_every_call_of_a_module_and_the_notes_of_in_place_nodes(
+    real: RealServed,
+) -> None:
+    described = gradtap("describe", "block", "--address", real.address)
+    assert described.returncode == 0, described.stderr
+    relu = next(line for line in described.stdout.splitlines() if line.split()[:1] == ["relu"])
+    assert "(calls: " in relu and relu.count(",") == 2
+    assert "notes" in described.stdout and "cannot undo because" in described.stdout
