@@ -232,3 +232,10 @@ def test_the_cli_lists_every_call_of_a_module_and_the_notes_of_in_place_nodes(
     relu = next(line for line in described.stdout.splitlines() if line.split()[:1] == ["relu"])
     assert "(calls: " in relu and relu.count(",") == 2
     assert "notes" in described.stdout and "cannot undo because" in described.stdout
+
+
+def test_a_constant_keyword_input_is_fixed_at_export_and_never_sent(real: RealServed) -> None:
+    t5 = real.exported["t5"].model
+    assert t5.fixed_inputs == {"use_cache": False}
+    assert "use_cache" not in [s.name for s in t5.inputs]
+    assert [r.type for r in t5.renamed] == ["transformers.modeling_outputs.Seq2SeqLMOutput"]
