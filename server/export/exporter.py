@@ -16,7 +16,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from ..engine.analysis import Analysis, Engine
-from ..errors import ModelLoadError
+from ..errors import InvalidArgument, ModelLoadError
 from ..models.archive import OPTIONS_FILE, read_archive
 from ..models.model import Model, dtype_name, prepare, shape_text
 from .huggingface import hf_source
@@ -185,7 +185,10 @@ def _served(model: Model, inputs: dict[str, Any]) -> list[torch.Tensor]:
     if missing:
         raise ExportError(f"the archive takes inputs the export did not name: {missing}")
     tensors = [by_name[spec.name] for spec in model.inputs]
-    model.check_inputs(tensors)
+    try:
+        model.check_inputs(tensors)
+    except InvalidArgument as e:
+        raise ExportError(f"the archive refuses the check's inputs: {e.message}") from e
     outcome = Engine(torch.device("cpu")).analyze(model, Analysis(inputs=tensors, outputs=True))
     return [c.tensor for c in outcome.tensors]
 
@@ -233,7 +236,10 @@ def _padded_check(
     """A causal language model's left-padded row gives, at its tokens, what it gives alone."""
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     length = ids.shape[1]
-    pad = max(1, length // 2)
+    shortest = model.inputs[0].dims[1].min
+    pad = min(max(1, length // 2), length - shortest)
+    if pad < 1:  # the sequence's range leaves no room for padding
+        return 0.0, 0.0
     alone = {"input_ids": ids[:1, pad:], "attention_mask": mask[:1, pad:]}
     padded_mask = mask[:1].clone()
     padded_mask[:, :pad] = 0

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .source import ExportError, ExportOptions, Source
+from .source import ExportError, ExportOptions, Source, clamp
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -26,8 +26,10 @@ TOKENIZER_FILES = (
 
 _WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
-EXAMPLE_BATCH = 2
-EXAMPLE_LENGTH = 8
+EXAMPLE_BATCH, EXAMPLE_LENGTH = 2, 8
+"""The size of the input a model is exported with (within the ranges asked for)."""
+CHECK_BATCH, CHECK_LENGTH = 3, 5
+"""The size of the further input the check compares on."""
 
 
 def _transformers() -> Any:
@@ -132,14 +134,19 @@ def hf_source(text: str, options: ExportOptions) -> Source:
         low, high = options.sequence or (2, _max_positions(config, *limits) or 512)
         return torch.export.Dim(name, min=low, max=high)
 
+    def length(dim: torch.export.Dim, wanted: int) -> int:
+        return clamp(wanted, (dim.min, dim.max))
+
+    rows, check_rows = options.rows(EXAMPLE_BATCH), options.rows(CHECK_BATCH)
+
     if main == "pixel_values":
         shape = options.input_shape or _image_shape(config)
-        pixels = torch.randn((EXAMPLE_BATCH, *shape), generator=generator)
+        pixels = torch.randn((rows, *shape), generator=generator)
         source = Source(
             module=model,
             inputs={"pixel_values": pixels},
             dims={"pixel_values": {0: batch}},
-            checks=[{"pixel_values": torch.randn((3, *shape), generator=generator)}],
+            checks=[{"pixel_values": torch.randn((check_rows, *shape), generator=generator)}],
             description=f"{kind} (vision, input {tuple(shape)})",
         )
     elif main == "input_features":
@@ -149,8 +156,8 @@ def hf_source(text: str, options: ExportOptions) -> Source:
         vocab = config.vocab_size
         decoder = sequence_dim("decoder_sequence", "max_target_positions")
         inputs: dict[str, Any] = {
-            "input_features": torch.randn((EXAMPLE_BATCH, *shape), generator=generator),
-            "decoder_input_ids": _ids(vocab, EXAMPLE_BATCH, EXAMPLE_LENGTH, generator),
+            "input_features": torch.randn((rows, *shape), generator=generator),
+            "decoder_input_ids": _ids(vocab, rows, length(decoder, EXAMPLE_LENGTH), generator),
             **fixed,
         }
         source = Source(
@@ -159,8 +166,10 @@ def hf_source(text: str, options: ExportOptions) -> Source:
             dims={"input_features": {0: batch}, "decoder_input_ids": {0: batch, 1: decoder}},
             checks=[
                 {
-                    "input_features": torch.randn((3, *shape), generator=generator),
-                    "decoder_input_ids": _ids(vocab, 3, 5, generator),
+                    "input_features": torch.randn((check_rows, *shape), generator=generator),
+                    "decoder_input_ids": _ids(
+                        vocab, check_rows, length(decoder, CHECK_LENGTH), generator
+                    ),
                     **fixed,
                 }
             ],
@@ -172,15 +181,20 @@ def hf_source(text: str, options: ExportOptions) -> Source:
             "sequence", "max_position_embeddings", "n_positions", "max_source_positions"
         )
 
-        def text_inputs(rows: int, length: int) -> dict[str, Any]:
-            mask = torch.ones(rows, length, dtype=torch.long)
-            mask[-1, : length // 3] = 0  # one left-padded row
+        decoder = sequence_dim("decoder_sequence", "n_positions", "max_target_positions")
+
+        def text_inputs(count: int, wanted: int) -> dict[str, Any]:
+            size = length(sequence, wanted)
+            mask = torch.ones(count, size, dtype=torch.long)
+            mask[-1, : size // 3] = 0  # one left-padded row
             found: dict[str, Any] = {
-                "input_ids": _ids(vocab, rows, length, generator),
+                "input_ids": _ids(vocab, count, size, generator),
                 "attention_mask": mask,
             }
             if encoder_decoder:
-                found["decoder_input_ids"] = _ids(vocab, rows, max(2, length - 2), generator)
+                found["decoder_input_ids"] = _ids(
+                    vocab, count, length(decoder, wanted - 2), generator
+                )
             return found
 
         dims: dict[str, dict[int, torch.export.Dim]] = {
@@ -188,7 +202,6 @@ def hf_source(text: str, options: ExportOptions) -> Source:
             "attention_mask": {0: batch, 1: sequence},
         }
         if encoder_decoder:
-            decoder = sequence_dim("decoder_sequence", "n_positions", "max_target_positions")
             dims["decoder_input_ids"] = {0: batch, 1: decoder}
         causal = not encoder_decoder and _is_causal(model, config)
         if causal:
@@ -197,9 +210,9 @@ def hf_source(text: str, options: ExportOptions) -> Source:
             module = _with_position_ids(model, fixed)
             source = Source(
                 module=module,
-                inputs=text_inputs(EXAMPLE_BATCH, EXAMPLE_LENGTH),
+                inputs=text_inputs(rows, EXAMPLE_LENGTH),
                 dims=dims,
-                checks=[text_inputs(3, 5)],
+                checks=[text_inputs(check_rows, CHECK_LENGTH)],
                 description=f"{kind} (causal language model, position ids from the mask)",
                 padded_check=True,
             )
@@ -207,9 +220,9 @@ def hf_source(text: str, options: ExportOptions) -> Source:
             what = "encoder-decoder" if encoder_decoder else "text encoder"
             source = Source(
                 module=model,
-                inputs={**text_inputs(EXAMPLE_BATCH, EXAMPLE_LENGTH), **fixed},
+                inputs={**text_inputs(rows, EXAMPLE_LENGTH), **fixed},
                 dims=dims,
-                checks=[{**text_inputs(3, 5), **fixed}],
+                checks=[{**text_inputs(check_rows, CHECK_LENGTH), **fixed}],
                 description=f"{kind} ({what})",
             )
     else:

@@ -40,6 +40,15 @@ class ExportOptions:
     atol: float = 1e-5
     progress: Progress = _quiet
 
+    def rows(self, wanted: int) -> int:
+        """A batch size for an example or check input: `wanted`, within the batch range."""
+        return clamp(wanted, self.batch)
+
+
+def clamp(wanted: int, bounds: tuple[int, int]) -> int:
+    """`wanted`, moved into [low, high]."""
+    return min(max(wanted, bounds[0]), bounds[1])
+
 
 @dataclass
 class Source:

@@ -14,6 +14,7 @@ from torch import nn
 from .source import ExportError, ExportOptions, Source
 
 EXAMPLE_BATCH = 2
+CHECK_BATCH = 3
 
 
 def _imported(name: str, what: str) -> Any:
@@ -53,9 +54,9 @@ def _one_input(
     batch = torch.export.Dim("batch", min=options.batch[0], max=options.batch[1])
     return Source(
         module=module,
-        inputs={name: example(EXAMPLE_BATCH)},
+        inputs={name: example(options.rows(EXAMPLE_BATCH))},
         dims={name: {0: batch}},
-        checks=[{name: example(3)}],
+        checks=[{name: example(options.rows(CHECK_BATCH))}],
         description=f"{description} (input {tuple(shape)} {options.input_dtype})",
     )
 
