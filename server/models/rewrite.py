@@ -112,7 +112,11 @@ def _functional(node: torch.fx.Node) -> Any:
     overload = getattr(packet, node.target._overloadname, None) if packet else None  # type: ignore[union-attr]
     if not isinstance(overload, torch._ops.OpOverload):
         return None
-    if [a.name for a in overload._schema.arguments] != [a.name for a in schema.arguments]:
+    arguments = overload._schema.arguments
+    # The written argument is `self` in place and often `input` in the functional variant.
+    if len(arguments) != len(schema.arguments):
+        return None
+    if [a.name for a in arguments[1:]] != [a.name for a in schema.arguments[1:]]:
         return None
     return overload
 
