@@ -98,6 +98,9 @@ def export(
     """
     if out.suffix != ".pt2":
         usage("the archive's name must end in .pt2 (the model's name is the rest)", "--out")
+    kind, colon, rest = source.partition(":")
+    if not colon or not rest or kind not in ("hf", "timm", "torchvision", "python"):
+        usage(f"{source!r} is not one of {SOURCES}", "SOURCE")
     try:
         if TYPE_CHECKING:
             from server import export as exporter
@@ -118,7 +121,6 @@ def export(
         progress=lambda message: typer.echo(message, err=True),
     )
     try:
-        exporter.parse_source(source)
         result = exporter.export(source, options)
     except exporter.ExportError as e:
         typer.echo(f"error: {e}", err=True)

@@ -40,8 +40,8 @@ def test_export_writes_a_checked_archive_of_a_factorys_module(tmp_path: Path) ->
 def test_export_names_the_cause_of_a_bad_source_and_of_a_missing_shape(tmp_path: Path) -> None:
     out = str(tmp_path / "m.pt2")
     result = gradtap("export", "onnx:model.onnx", "--out", out, cwd=ROOT)
-    assert result.returncode == 1
-    assert "is not one of hf:DIRECTORY, timm:NAME, torchvision:NAME" in result.stderr
+    assert result.returncode == 2
+    assert "is not one of hf:DIRECTORY | timm:NAME | torchvision:NAME" in result.stderr
     result = gradtap("export", "python:tests.real_models:in_place_block", "--out", out, cwd=ROOT)
     assert result.returncode == 1
     assert "need --input-shape" in result.stderr
