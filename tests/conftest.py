@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,8 @@ from gradtap.server.rpc.app import Running
 from torch import nn
 
 from . import models
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # no test downloads weights: models come from packages
 
 
 @dataclass

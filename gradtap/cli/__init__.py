@@ -1,7 +1,7 @@
 """The gradtap command line: serve models, describe them, analyze, attribute and perturb inputs.
 
 One module per command group (serve; models, describe and health; analyze and analyze-many;
-attribute; perturb); the options they share are declared once, in options.py. The entry
+attribute; perturb; export); the options they share are declared once, in options.py. The entry
 point is main(); `python -m gradtap.cli` runs it too.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from . import analyze, attribute, models, perturb, serve
+from . import analyze, attribute, export, models, perturb, serve
 from ._client import GradtapError
 
 app = typer.Typer(
@@ -27,6 +27,7 @@ app.command("analyze-many")(analyze.analyze_many)
 app.command()(models.health)
 app.command()(attribute.attribute)
 app.command()(perturb.perturb)
+app.command()(export.export)
 
 
 def main() -> None:

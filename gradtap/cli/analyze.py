@@ -45,6 +45,7 @@ from .options import (
     deprecated,
     hidden,
     out_option,
+    output_choice,
     plot_option,
     usage,
 )
@@ -123,7 +124,7 @@ def analyze(
     inputs: Inputs = None,
     targets: Targets = None,
     objective_spec: ObjectiveSpec = None,
-    objective_output: ObjectiveOutput = 0,
+    objective_output: ObjectiveOutput = "0",
     objective_node: ObjectiveNode = None,
     input_grads: InputGrads = False,
     activations: Activations = False,
@@ -190,7 +191,10 @@ def analyze(
         )
         return
     objective = objective_for(
-        objective_spec, objective_output, objective_node, bool(targets or input_grads)
+        objective_spec,
+        output_choice(objective_output, "--objective-output"),
+        objective_node,
+        bool(targets or input_grads),
     )
     checked_out(out)
     if plot is not None and not (targets or input_grads):
@@ -249,7 +253,7 @@ def analyze_many(
     ],
     targets: Targets = None,
     objective_spec: ObjectiveSpec = None,
-    objective_output: ObjectiveOutput = 0,
+    objective_output: ObjectiveOutput = "0",
     objective_node: ObjectiveNode = None,
     input_grads: InputGrads = False,
     activations: Activations = False,
@@ -274,7 +278,10 @@ def analyze_many(
     """
     input_grads = _input_grads(input_grads, input_grad)
     objective = objective_for(
-        objective_spec, objective_output, objective_node, bool(targets or input_grads)
+        objective_spec,
+        output_choice(objective_output, "--objective-output"),
+        objective_node,
+        bool(targets or input_grads),
     )
     with connect(address, token, timeout) as client:
         count = analyze_dir(

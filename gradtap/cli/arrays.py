@@ -31,25 +31,52 @@ def load_npy(path: Path, option: str) -> np.ndarray:
     return array
 
 
+SEQUENCE_LENGTH = 16
+"""The length a random input gives a dynamic dimension other than the batch (within range)."""
+
+
+def _size(spec: TensorSpec, d: int) -> int:
+    """A dynamic dimension's size in a random input: the batch at its smallest (at least 1),
+    any other (a sequence) at SEQUENCE_LENGTH, within the dimension's range."""
+    low = max(1, spec.min_shape[d] if d < len(spec.min_shape) else 1)
+    if d == 0:
+        return low
+    high = spec.max_shape[d] if d < len(spec.max_shape) else None
+    return max(low, SEQUENCE_LENGTH if high is None else min(high, SEQUENCE_LENGTH))
+
+
 def random_inputs(specs: Sequence[TensorSpec], seed: int) -> list[np.ndarray]:
-    """One seeded input per spec: dynamic dimensions at their smallest size (at least 1);
-    floats standard normal, booleans True, integers 0."""
+    """One seeded input per spec, with the sizes `_size` gives dynamic dimensions (equal
+    names, equal sizes): floats standard normal; token ids (an integer input with a known
+    upper bound) uniform over the vocabulary; masks (booleans, or integers named like a
+    mask) all ones; other integers 0."""
     rng = np.random.default_rng(seed)
     arrays: list[np.ndarray] = []
+    sizes: dict[str, int] = {}
     for i, spec in enumerate(specs):
-        shape = tuple(
-            max(1, spec.min_shape[d] if d < len(spec.min_shape) else 1) if size is None else size
-            for d, size in enumerate(spec.shape)
-        )
+        dims: list[int] = []
+        for d, size in enumerate(spec.shape):
+            name = spec.dims[d] if size is None and d < len(spec.dims) else ""
+            if size is not None:
+                dims.append(size)
+            else:
+                dims.append(sizes.setdefault(name, _size(spec, d)) if name else _size(spec, d))
+        shape = tuple(dims)
+        label = f"inputs[{i}]" + (f" ({spec.name})" if spec.name else "")
         if spec.dtype in FLOAT_DTYPES:
             array = rng.standard_normal(shape).astype(numpy_dtype(spec.dtype))
             how = "standard normal"
         elif spec.dtype == "bool":
             array, how = np.ones(shape, dtype=np.bool_), "all True"
+        elif spec.high:
+            array = rng.integers(0, spec.high, shape).astype(numpy_dtype(spec.dtype))
+            how = f"token ids drawn from 0..{spec.high - 1}"
+        elif "mask" in spec.name:
+            array, how = np.ones(shape, dtype=numpy_dtype(spec.dtype)), "all ones (a mask)"
         else:
             array, how = np.zeros(shape, dtype=numpy_dtype(spec.dtype)), "all zeros"
         note(
-            f"no --input: inputs[{i}] is random {spec.dtype} {shape_text(shape)}, {how} "
+            f"no --input: {label} is random {spec.dtype} {shape_text(shape)}, {how} "
             f"(--input-seed {seed})"
         )
         arrays.append(array)

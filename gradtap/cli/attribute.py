@@ -28,6 +28,7 @@ from .options import (
     hidden,
     note,
     out_option,
+    output_choice,
     plot_option,
     usage,
 )
@@ -147,8 +148,12 @@ def attribute(
         ),
     ] = None,
     output: Annotated[
-        int, typer.Option(min=0, metavar="N", help="The model output attributed.")
-    ] = 0,
+        str,
+        typer.Option(
+            metavar="N|NAME",
+            help="The model output attributed: its position, or its name (e.g. logits).",
+        ),
+    ] = "0",
     params: Annotated[
         list[str] | None,
         typer.Option(
@@ -223,7 +228,7 @@ def attribute(
                 method.value,
                 index=parse_index(index_text, "--index"),
                 node=node,
-                output=output,
+                output=output_choice(output, "--output"),
                 version=version,
                 digest=digest,
                 **options,

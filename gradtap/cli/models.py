@@ -180,15 +180,26 @@ def _versions(info: ModelInfo) -> str:
 
 
 def _specs_table(specs: Sequence[TensorSpec]) -> str:
-    rows = [["INDEX", "DTYPE", "SHAPE", "DYNAMIC"]]
+    rows = [["INDEX", "NAME", "DTYPE", "SHAPE", "DYNAMIC", "VALUES"]]
     for i, spec in enumerate(specs):
-        dynamic = []
+        dynamic: dict[str, str] = {}
         for d, size in enumerate(spec.shape):
             if size is None:
+                name = spec.dims[d] if d < len(spec.dims) and spec.dims[d] else f"dim {d}"
                 low = spec.min_shape[d] if d < len(spec.min_shape) else 0
                 high = spec.max_shape[d] if d < len(spec.max_shape) else None
-                dynamic.append(f"dim {d}: {low}..{'' if high is None else high}")
-        rows.append([str(i), spec.dtype, shape_text(spec.shape), ", ".join(dynamic)])
+                dynamic.setdefault(name, f"{name} {low}..{'' if high is None else high}")
+        values = f"0..{spec.high - 1}" if spec.high else ""
+        rows.append(
+            [
+                str(i),
+                spec.name,
+                spec.dtype,
+                shape_text(spec.shape, spec.dims),
+                ", ".join(dynamic.values()),
+                values,
+            ]
+        )
     return table(rows, indent="  ")
 
 
@@ -203,25 +214,31 @@ def describe(
 ) -> None:
     """Show a model's inputs, outputs, modules and nodes.
 
-    Shapes show ? for a dynamic dimension. Any node name or module path listed here can be
-    a --target of `gradtap analyze` or the --node of `gradtap attribute`.
+    Shapes name each dynamic dimension (batch, sequence...). Any node name or module path
+    listed here can be a --target of `gradtap analyze` or the --node of `gradtap attribute`;
+    PATH#K names call K of a module called several times.
     """
     with connect(address, token, timeout) as client:
         d = client.describe(model, digest=digest, version=version)
     if as_json:
         typer.echo(json.dumps(dataclasses.asdict(d), indent=2))
         return
-    modules = [[path, "->", node] for path, node in d.modules.items()]
+    modules = [
+        [path, "->", node, f"(calls: {', '.join(d.calls[path])})" if path in d.calls else ""]
+        for path, node in d.modules.items()
+    ]
     nodes = [["NAME", "OP", "DTYPE", "SHAPE", "DIFFERENTIABLE"]] + [
-        [n.name, n.op, n.dtype, shape_text(n.shape), "yes" if n.differentiable else "no"]
+        [n.name, n.op, n.dtype, shape_text(n.shape, n.dims), "yes" if n.differentiable else "no"]
         for n in d.nodes
     ]
+    notes = [[n.name, n.note] for n in d.nodes if n.note]
     sections = [
         table([["model", d.name], ["source", d.source], ["digest", d.digest]]),
         "inputs\n" + _specs_table(d.inputs),
         "outputs\n" + _specs_table(d.outputs),
         "modules (path -> node)\n" + (table(modules, indent="  ") or "  (none)"),
         "nodes\n" + table(nodes, indent="  "),
+        *(["notes\n" + table(notes, indent="  ")] if notes else []),
         f"parameters: {len(d.parameters)}",
     ]
     typer.echo("\n\n".join(sections))

@@ -164,8 +164,21 @@ Activations = Annotated[
     bool, typer.Option("--activations", help="Also return each target's activation.")
 ]
 ObjectiveOutput = Annotated[
-    int, typer.Option(min=0, metavar="N", help="The model output the objective is taken at.")
+    str,
+    typer.Option(
+        metavar="N|NAME",
+        help="The model output the objective is taken at: its position, or its name as "
+        "`gradtap describe` lists it (e.g. logits).",
+    ),
 ]
+
+
+def output_choice(text: str, option: str) -> int | str:
+    """--objective-output / --output: a position (0, 1...) or an output's name (logits)."""
+    text = text.strip()
+    if not text:
+        usage("give an output's position or name", option)
+    return int(text) if text.isdigit() else text
 ObjectiveNode = Annotated[
     str | None,
     typer.Option(metavar="NAME", help="Take the objective at this node instead."),

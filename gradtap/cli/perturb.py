@@ -35,6 +35,7 @@ from .options import (
     hidden,
     note,
     out_option,
+    output_choice,
     usage,
 )
 from .show import table
@@ -114,7 +115,7 @@ def perturb(
     method: Annotated[PerturbMethod, typer.Option(help="FGSM (one step) or PGD.")] = (
         PerturbMethod.fgsm
     ),
-    objective_output: ObjectiveOutput = 0,
+    objective_output: ObjectiveOutput = "0",
     objective_node: ObjectiveNode = None,
     step_size: Annotated[
         float | None, typer.Option(min=0, metavar="ALPHA", help="PGD: the size of each step.")
@@ -185,7 +186,9 @@ def perturb(
             usage("--start-seed is the deprecated --seed: give one of them", "--start-seed")
         deprecated("--start-seed", "--seed")
         seed = start_seed
-    objective = parse_objective(objective_spec, objective_output, objective_node)
+    objective = parse_objective(
+        objective_spec, output_choice(objective_output, "--objective-output"), objective_node
+    )
     if objective is None:
         usage("perturb needs an objective to follow", "--objective")
     bounds = parse_clamp(clamp)

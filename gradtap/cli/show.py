@@ -12,9 +12,13 @@ PREVIEW = 4
 TENSOR_HEADER = ["KIND", "NAME", "SHAPE", "DTYPE", "MIN", "MAX", "MEAN", "L2", "FIRST"]
 
 
-def shape_text(shape: Sequence[int | None]) -> str:
-    """(?, 3, 28, 28): a shape as Python writes a tuple, with ? for a dynamic dimension."""
-    dims = ["?" if d is None else str(d) for d in shape]
+def shape_text(shape: Sequence[int | None], names: Sequence[str] = ()) -> str:
+    """(batch, 3, 28, 28): a shape as Python writes a tuple, with each dynamic dimension's
+    name (from `names`, as describe gives them), or ? where it has none."""
+    dims = [
+        str(d) if d is not None else (names[i] if i < len(names) and names[i] else "?")
+        for i, d in enumerate(shape)
+    ]
     return f"({dims[0]},)" if len(dims) == 1 else f"({', '.join(dims)})"
 
 

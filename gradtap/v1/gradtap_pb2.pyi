@@ -556,15 +556,29 @@ class TensorSpec(_message.Message):
     DIMS_FIELD_NUMBER: _builtins.int
     MIN_SHAPE_FIELD_NUMBER: _builtins.int
     MAX_SHAPE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    HIGH_FIELD_NUMBER: _builtins.int
     dtype: Global___DType.ValueType
     """Element type."""
+    name: _builtins.str
+    """For a model input or output: its name, from the structure the model was exported with
+    (a keyword argument "input_ids", a field "logits", a field's element "hidden_states.3",
+    a tuple position "0", or "output" for a single tensor). Empty for graph nodes.
+    """
+    high: _builtins.int
+    """For an integer model input whose values index an embedding (token ids): the exclusive
+    upper bound of its values, the embedding's row count; 0 when the graph shows none.
+    """
     @_builtins.property
     def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Size of each dimension; -1 marks a dynamic dimension (see dims)."""
 
     @_builtins.property
     def dims(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Per dimension: the dynamic dimension's symbol (e.g. "s77"), or empty when static."""
+        """Per dimension: the dynamic dimension's name in the user's words ("batch", "sequence",
+        "dim2", or an expression of them such as "sequence - 1"), or empty when static.
+        Dimensions of equal name have equal size.
+        """
 
     @_builtins.property
     def min_shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
@@ -582,10 +596,12 @@ class TensorSpec(_message.Message):
         dims: _abc.Iterable[_builtins.str] | None = ...,
         min_shape: _abc.Iterable[_builtins.int] | None = ...,
         max_shape: _abc.Iterable[_builtins.int] | None = ...,
+        name: _builtins.str = ...,
+        high: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dims", b"dims", "dtype", b"dtype", "max_shape", b"max_shape", "min_shape", b"min_shape", "shape", b"shape"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dims", b"dims", "dtype", b"dtype", "high", b"high", "max_shape", b"max_shape", "min_shape", b"min_shape", "name", b"name", "shape", b"shape"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -717,21 +733,27 @@ class ObjectiveSite(_message.Message):
 
     OUTPUT_FIELD_NUMBER: _builtins.int
     NODE_FIELD_NUMBER: _builtins.int
+    OUTPUT_NAME_FIELD_NUMBER: _builtins.int
     output: _builtins.int
     """Index into the model's flattened outputs; 0 for single-output models."""
     node: _builtins.str
     """Optional graph-node name or module path; when set, the objective is taken at that
     node's activation instead of at an output.
     """
+    output_name: _builtins.str
+    """The output by name, as DescribeModel's outputs name them (e.g. "logits"); when set,
+    it picks the output instead of `output`, which must then be 0.
+    """
     def __init__(
         self,
         *,
         output: _builtins.int = ...,
         node: _builtins.str = ...,
+        output_name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node", "output", b"output"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node", "output", b"output", "output_name", b"output_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1252,12 +1274,18 @@ class GraphNode(_message.Message):
     OP_FIELD_NUMBER: _builtins.int
     SPEC_FIELD_NUMBER: _builtins.int
     DIFFERENTIABLE_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The node's name in the exported graph, e.g. "relu_1"."""
     op: _builtins.str
     """The operator, e.g. "aten.relu.default", or "input" for a model input."""
     differentiable: _builtins.bool
     """True when a gradient can be taken at this node (floating-point output)."""
+    note: _builtins.str
+    """What a caller should know about the node's value, when anything: e.g. that the export
+    changed it in place and gradtap serves the value it computed, or that gradtap could not
+    undo an in-place change and serves the value after it (docs/real-models.md).
+    """
     @_builtins.property
     def spec(self) -> Global___TensorSpec:
         """The node's output type and shape."""
@@ -1269,10 +1297,11 @@ class GraphNode(_message.Message):
         op: _builtins.str = ...,
         spec: Global___TensorSpec | None = ...,
         differentiable: _builtins.bool = ...,
+        note: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["differentiable", b"differentiable", "name", b"name", "op", b"op", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["differentiable", b"differentiable", "name", b"name", "note", b"note", "op", b"op", "spec", b"spec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1287,22 +1316,33 @@ class ModuleOutput(_message.Message):
     PATH_FIELD_NUMBER: _builtins.int
     TYPE_FIELD_NUMBER: _builtins.int
     NODE_FIELD_NUMBER: _builtins.int
+    CALLS_FIELD_NUMBER: _builtins.int
     path: _builtins.str
     """Dotted module path, e.g. "conv2" or "layer1.0"."""
     type: _builtins.str
     """The module's class, e.g. "torch.nn.modules.conv.Conv2d"."""
     node: _builtins.str
-    """The graph node whose value is the module's output."""
+    """The graph node whose value is the module's output; for a module called several times,
+    the output of its last call.
+    """
+    @_builtins.property
+    def calls(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """For a module called more than once: the graph node holding the output of each call, in
+        call order. "PATH#K" names call K (from 1) wherever a node is named. Empty for a module
+        called once.
+        """
+
     def __init__(
         self,
         *,
         path: _builtins.str = ...,
         type: _builtins.str = ...,
         node: _builtins.str = ...,
+        calls: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node", "path", b"path", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls", b"calls", "node", b"node", "path", b"path", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1896,6 +1936,7 @@ class AttributeRequest(_message.Message):
     OUTPUT_FIELD_NUMBER: _builtins.int
     NODE_FIELD_NUMBER: _builtins.int
     PARAMS_FIELD_NUMBER: _builtins.int
+    OUTPUT_NAME_FIELD_NUMBER: _builtins.int
     method: Global___AttributionMethod.ValueType
     """The method."""
     output: _builtins.int
@@ -1903,6 +1944,10 @@ class AttributeRequest(_message.Message):
     node: _builtins.str
     """For layer methods, the node attributed to (Captum's `layer`): a graph-node name or
     module path, as DescribeModel lists them. Empty for the other methods.
+    """
+    output_name: _builtins.str
+    """The output attributed, by name as DescribeModel's outputs name them (e.g. "logits");
+    when set, it picks the output instead of `output`, which must then be 0.
     """
     @_builtins.property
     def model(self) -> Global___Model:
@@ -1937,10 +1982,11 @@ class AttributeRequest(_message.Message):
         output: _builtins.int = ...,
         node: _builtins.str = ...,
         params: Global___AttributionParams | None = ...,
+        output_name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "params", b"params"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "inputs", b"inputs", "method", b"method", "model", b"model", "node", b"node", "output", b"output", "params", b"params"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "inputs", b"inputs", "method", b"method", "model", b"model", "node", b"node", "output", b"output", "output_name", b"output_name", "params", b"params"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

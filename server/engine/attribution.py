@@ -17,7 +17,7 @@ import captum
 import torch
 
 from ..errors import Cancelled, InvalidArgument, ResourceExhausted
-from ..models.model import Model, dtype_name
+from ..models.model import Dim, Model, dims_text, dtype_name
 from .captum_bridge import INTEGRATION_METHODS, ModelForward, call, rewritten_graph
 from .graph import ShouldStop, never, release
 
@@ -317,8 +317,8 @@ def _baselines(baselines: torch.Tensor, reference: torch.Tensor) -> torch.Tensor
     return baselines
 
 
-def _shape(dims: Sequence[Any]) -> str:
-    return "(" + ", ".join(str(d.size) if d.size is not None else "N" for d in dims) + ")"
+def _shape(dims: Sequence[Dim]) -> str:
+    return dims_text(dims)
 
 
 # -- the run --------------------------------------------------------------------------------

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import operator
 import re
 import zipfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,6 +23,7 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 
 from ..errors import ModelLoadError
+from .structures import Renamed, plain_structures
 
 _SYMPY_WORDS = frozenset(
     {
@@ -154,8 +157,9 @@ def _check_payload_config(raw: bytes, what: str) -> None:
             raise ModelLoadError(f"constant {fqn!r} is a Python object; only tensors are accepted")
 
 
-def _sanitized_archive(data: bytes) -> bytes:
-    """Checks a torch.export archive and returns a copy torch can load without executing it."""
+def _sanitized_archive(data: bytes) -> tuple[bytes, list[Renamed]]:
+    """Checks a torch.export archive and returns a copy torch can load without executing it,
+    with the structure nodes it rewrote into dicts (server/models/structures.py)."""
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
     except zipfile.BadZipFile as e:
@@ -187,6 +191,7 @@ def _sanitized_archive(data: bytes) -> bytes:
     # Guards are Python source that torch would compile into ExportedProgram.module(); the
     # server never calls module(), and drops them so that nothing later can.
     program["guards_code"] = []
+    renamed = plain_structures(program)
 
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as sanitized:
@@ -199,7 +204,7 @@ def _sanitized_archive(data: bytes) -> bytes:
             else:
                 payload = archive.read(info.filename)
             sanitized.writestr(info.filename, payload)
-    return out.getvalue()
+    return out.getvalue(), renamed
 
 
 _SAFE_PY_CALLABLES: frozenset[Callable[..., Any]] = frozenset(
@@ -288,7 +293,11 @@ def _check_graph(program: ExportedProgram) -> None:
 OPTIONS_FILE = "gradtap.json"
 """Per-model options an archive may carry: torch.export.save(..., extra_files={OPTIONS_FILE: ...}).
 
-Known keys: {"batching": false} opts the model out of dynamic batching."""
+Known keys: {"batching": false} opts the model out of dynamic batching; {"dims": {"s77":
+"batch", "s53": "sequence"}} names the dynamic dimensions by their symbol (gradtap export
+writes it)."""
+
+_DIM_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,63}")
 
 
 def archive_options(data: bytes) -> dict[str, Any]:
@@ -304,21 +313,80 @@ def archive_options(data: bytes) -> dict[str, Any]:
         options = json.loads(archive.read(names[0]))
     except ValueError as e:
         raise ModelLoadError(f"extra/{OPTIONS_FILE} is not valid JSON") from e
-    if not isinstance(options, dict) or not set(options) <= {"batching"}:
-        raise ModelLoadError(f"extra/{OPTIONS_FILE} may only set: batching")
+    if not isinstance(options, dict) or not set(options) <= {"batching", "dims"}:
+        raise ModelLoadError(f"extra/{OPTIONS_FILE} may only set: batching, dims")
     if not isinstance(options.get("batching", True), bool):
         raise ModelLoadError(f"extra/{OPTIONS_FILE}: batching must be true or false")
+    dims = options.get("dims", {})
+    if not isinstance(dims, dict) or not all(
+        isinstance(k, str)
+        and _SYMBOL_NAME.fullmatch(k)
+        and isinstance(v, str)
+        and _DIM_NAME.fullmatch(v)
+        for k, v in dims.items()
+    ):
+        raise ModelLoadError(
+            f"extra/{OPTIONS_FILE}: dims must map symbols (s77) to names (batch, sequence)"
+        )
     return options
 
 
-def load_archive(data: bytes) -> ExportedProgram:
-    """Loads a torch.export archive's bytes without unpickling or evaluating anything in it."""
-    sanitized = _sanitized_archive(data)
-    try:
-        program = torch.export.load(io.BytesIO(sanitized))
-    except ModelLoadError:
-        raise
-    except Exception as e:  # torch's own errors on malformed archives
-        raise ModelLoadError(f"torch could not read the archive: {type(e).__name__}") from e
+@dataclass
+class Archive:
+    """A loaded archive: its program, its gradtap options and the structures it renamed."""
+
+    program: ExportedProgram
+    options: dict[str, Any] = field(default_factory=dict)
+    renamed: list[Renamed] = field(default_factory=list)
+    """The archive's own output (and input) classes, served as dicts of their fields."""
+
+
+def read_archive(data: bytes) -> Archive:
+    """Loads a torch.export archive's bytes without unpickling, importing or evaluating
+    anything in it."""
+    options = archive_options(data)
+    sanitized, renamed = _sanitized_archive(data)
+    with _TorchLoadErrors() as errors:
+        try:
+            program = torch.export.load(io.BytesIO(sanitized))
+        except ModelLoadError:
+            raise
+        except Exception as e:  # torch's own errors on malformed archives
+            raise ModelLoadError(f"torch could not read the archive: {errors.cause(e)}") from e
     _check_graph(program)
-    return program
+    return Archive(program, options, renamed)
+
+
+def load_archive(data: bytes) -> ExportedProgram:
+    """The program of an archive's bytes (see read_archive)."""
+    return read_archive(data).program
+
+
+class _TorchLoadErrors(logging.Handler):
+    """Keeps what torch.export.load logs while it runs. torch logs the real cause of a failed
+    load as a warning and then raises a RuntimeError that names none."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.errors: list[BaseException] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info and record.exc_info[1] is not None:
+            self.errors.append(record.exc_info[1])
+
+    def __enter__(self) -> _TorchLoadErrors:
+        logging.getLogger("torch.export").addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        logging.getLogger("torch.export").removeHandler(self)
+
+    def cause(self, raised: BaseException) -> str:
+        """The innermost error behind `raised`, or behind what torch logged: its message."""
+        error = self.errors[0] if self.errors else raised
+        while error.__cause__ is not None or (
+            error.__context__ is not None and not error.__suppress_context__
+        ):
+            error = error.__cause__ or error.__context__  # type: ignore[assignment]
+        text = " ".join(str(error).split()) or type(error).__name__
+        return text if len(text) <= 300 else text[:300] + "..."

@@ -1,8 +1,10 @@
 """What a model is: an exported program indexed for targeting, and the questions asked of it.
 
-A request names nodes, inputs and parameters; the model answers which graph node a name
-means (`resolve`), whether inputs fit its exported specs (`check_inputs`), and which of its
-parameters a list of names picks (`param_positions`).
+A request names nodes, inputs, outputs and parameters; the model answers which graph node a
+name means (`resolve`), which output a name or position means (`output_position`), whether
+inputs fit its exported specs (`check_inputs`), and which of its parameters a list of names
+picks (`param_positions`). `prepare` builds the served graph from the exported one
+(server/models/rewrite.py) and names what the user sees (server/models/naming.py).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import hashlib
 import itertools
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -19,6 +21,8 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
 
 from ..errors import InvalidArgument, ModelLoadError
+from . import naming, rewrite
+from .structures import Renamed
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,14 @@ class Dim:
     max: int | None = None
     expr: Any = field(default=None, compare=False, repr=False)
     """The sympy expression of a dynamic dimension (e.g. s77, or 2*s77)."""
+    name: str = ""
+    """A dynamic dimension in the user's words: `batch`, `sequence`, `dim2`, `sequence - 1`."""
+
+    def text(self) -> str:
+        """`3` for a fixed size; `batch 1..64` for a dynamic one (its name and range)."""
+        if self.size is not None:
+            return str(self.size)
+        return f"{self.name or self.symbol} {self.min}..{'' if self.max is None else self.max}"
 
 
 @dataclass(frozen=True)
@@ -39,6 +51,10 @@ class Spec:
 
     dtype: torch.dtype
     dims: tuple[Dim, ...]
+    name: str = ""
+    """For a model input or output: its name (`input_ids`, `logits`, `hidden_states.3`)."""
+    high: int | None = None
+    """For an integer input that indexes an embedding: the exclusive upper bound of its values."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +64,8 @@ class NodeInfo:
     name: str
     op: str
     spec: Spec
+    note: str = ""
+    """What a caller should know about the node's value (e.g. an in-place operation)."""
 
     @property
     def differentiable(self) -> bool:
@@ -68,7 +86,15 @@ class Model:
     output_positions: list[int] = field(default_factory=list)
     nodes: dict[str, NodeInfo] = field(default_factory=dict)
     modules: dict[str, tuple[str, str]] = field(default_factory=dict)
-    """module path -> (module type, node producing its output)."""
+    """module path -> (module type, node producing its output); for a module called several
+    times, the output of its last call."""
+    module_calls: dict[str, list[str]] = field(default_factory=dict)
+    """module path -> the node producing the output of each call, in call order; `PATH#K`
+    names call K (from 1)."""
+    fixed_inputs: dict[str, Any] = field(default_factory=dict)
+    """Non-tensor inputs fixed at export (e.g. use_cache=False): folded into the graph."""
+    renamed: list[Renamed] = field(default_factory=list)
+    """The archive's own output classes, served as dicts of their fields."""
     state: list[tuple[str, torch.Tensor, bool]] = field(default_factory=list)
     """The non-user graph inputs in order: (state-dict name, value, is_parameter)."""
     output_nodes: list[str] = field(default_factory=list)
@@ -84,11 +110,36 @@ class Model:
     version (or the same one loaded again) never meets the graphs and weights of another."""
 
     def resolve(self, name: str) -> str | None:
-        """The graph node a name means: a node name, else a module path's output."""
+        """The graph node a name means: a node name, else a module path's output (of its
+        last call), else `PATH#K`, the output of the module's call K (from 1)."""
         if name in self.nodes:
             return name
         module = self.modules.get(name)
-        return module[1] if module else None
+        if module:
+            return module[1]
+        path, hash_, call = name.rpartition("#")
+        calls = self.module_calls.get(path) if hash_ and call.isdigit() else None
+        if calls and 1 <= int(call) <= len(calls):
+            return calls[int(call) - 1]
+        return None
+
+    def output_position(self, name: str, field: str) -> int:
+        """The position of the output a name means (`logits`, or `2` for position 2).
+
+        Raises InvalidArgument naming `field` for a name that is no output."""
+        for position, spec in enumerate(self.outputs):
+            if spec.name == name:
+                return position
+        if name.isdigit() and int(name) < len(self.outputs):
+            return int(name)
+        shown = name if len(name) <= 80 else name[:80] + "..."
+        known = ", ".join(spec.name for spec in self.outputs[:8])
+        more = ", ..." if len(self.outputs) > 8 else ""
+        raise InvalidArgument(
+            f"unknown output {shown!r}: {self.name}'s outputs are {known}{more}",
+            reason="UNKNOWN_OUTPUT",
+            field=field,
+        )
 
     def check_inputs(self, inputs: Sequence[torch.Tensor]) -> None:
         """Checks count, dtype and shape of every input against the exported input specs.
@@ -102,7 +153,7 @@ class Model:
                 reason="WRONG_INPUT_COUNT",
                 field="inputs",
             )
-        bound: dict[str, tuple[int, int]] = {}
+        bound: dict[str, tuple[int, int, int]] = {}
         for i, (tensor, spec) in enumerate(zip(inputs, self.inputs)):
             if tensor.dtype != spec.dtype:
                 raise InvalidArgument(
@@ -111,26 +162,32 @@ class Model:
                     reason="WRONG_DTYPE",
                     field=f"inputs[{i}].dtype",
                 )
+            takes = f"{self.name} takes {_input_label(spec, i)}{shape_text(spec.dims)}"
             if tensor.dim() != len(spec.dims):
                 raise InvalidArgument(
-                    f"inputs[{i}] has shape {list(tensor.shape)}, {self.name} expects "
-                    f"{_shape_text(spec.dims)}",
+                    f"inputs[{i}] has shape {list(tensor.shape)}; {takes}: it has "
+                    f"{tensor.dim()} dimension(s), not {len(spec.dims)}",
                     reason="WRONG_SHAPE",
                     field=f"inputs[{i}].shape",
                 )
             for d, (size, dim) in enumerate(zip(tensor.shape, spec.dims)):
-                ok = (
-                    size == dim.size
-                    if dim.size is not None
-                    else (size >= dim.min and (dim.max is None or size <= dim.max))
-                )
-                if dim.size is None and ok:
-                    first = bound.setdefault(dim.symbol, (size, i))
-                    ok = first[0] == size
-                if not ok:
+                why = ""
+                if dim.size is not None:
+                    why = f"is {size}, not {dim.size}" if size != dim.size else ""
+                elif size < dim.min:
+                    why = f"is below {dim.min}"
+                elif dim.max is not None and size > dim.max:
+                    why = f"is above {dim.max}"
+                else:
+                    first = bound.setdefault(dim.symbol, (size, i, d))
+                    if first[0] != size:
+                        why = (
+                            f"is {size}, but {dim.name or dim.symbol} is {first[0]} in "
+                            f"inputs[{first[1]}] (dimension {first[2]})"
+                        )
+                if why:
                     raise InvalidArgument(
-                        f"inputs[{i}] has shape {list(tensor.shape)}, {self.name} expects "
-                        f"{_shape_text(spec.dims)} (dimension {d})",
+                        f"inputs[{i}] has shape {list(tensor.shape)}; {takes}: dimension {d} {why}",
                         reason="WRONG_SHAPE",
                         field=f"inputs[{i}].shape",
                     )
@@ -209,39 +266,58 @@ def shape_of(spec: Spec, bound: dict[str, int]) -> tuple[int | None, ...]:
     return tuple(size_of(d, bound) for d in spec.dims)
 
 
-def _shape_text(dims: Sequence[Dim]) -> str:
-    return "[" + ", ".join(str(d.size) if d.size is not None else d.symbol for d in dims) + "]"
+def shape_text(dims: Sequence[Dim]) -> str:
+    """A shape in the user's words: `(batch 1..64, sequence 2..512)`, `(batch 1.., 1000)`."""
+    return "(" + ", ".join(d.text() for d in dims) + ")"
 
 
-def _dim(size: Any, ranges: dict[Any, Any]) -> Dim:
+def dims_text(dims: Sequence[Dim]) -> str:
+    """A shape with its dynamic dimensions named and no ranges: `(batch, sequence, 50257)`."""
+    return (
+        "("
+        + ", ".join(str(d.size) if d.size is not None else d.name or d.symbol for d in dims)
+        + ")"
+    )
+
+
+def _input_label(spec: Spec, i: int) -> str:
+    return f"{spec.name} " if spec.name and spec.name != str(i) else ""
+
+
+def _dim(size: Any, ranges: dict[Any, Any], names: dict[Any, str]) -> Dim:
     if isinstance(size, int):
         return Dim(size=size)
     expr = size.node.expr
     vr = ranges.get(expr)
     lower = int(vr.lower) if vr is not None and vr.lower.is_finite else 0
     upper = int(vr.upper) if vr is not None and vr.upper.is_finite else None
-    return Dim(size=None, symbol=str(expr), min=lower, max=upper, expr=expr)
+    name = naming.expression_text(expr, names)
+    return Dim(size=None, symbol=str(expr), min=lower, max=upper, expr=expr, name=name)
 
 
-def _spec(value: Any, ranges: dict[Any, Any]) -> Spec | None:
+def _spec(value: Any, ranges: dict[Any, Any], names: dict[Any, str]) -> Spec | None:
     if not isinstance(value, torch.Tensor):
         return None
-    return Spec(dtype=value.dtype, dims=tuple(_dim(s, ranges) for s in value.shape))
+    return Spec(dtype=value.dtype, dims=tuple(_dim(s, ranges, names) for s in value.shape))
 
 
-def _module_outputs(graph: torch.fx.Graph) -> dict[str, tuple[str, str]]:
-    """Maps each module path to the node whose value leaves the module (its output)."""
-    members: dict[str, list[torch.fx.Node]] = {}
+def _module_calls(graph: torch.fx.Graph) -> dict[str, tuple[str, list[str]]]:
+    """Maps each module path to its type and the node whose value leaves each of its calls
+    (its output), in call order. torch.export marks the calls after the first `@1`, `@2`...
+    in the keys of a node's nn_module_stack."""
+    members: dict[tuple[str, int], list[torch.fx.Node]] = {}
     types: dict[str, str] = {}
     for node in graph.nodes:
-        for path, mtype in (node.meta.get("nn_module_stack") or {}).values():
+        for key, (path, mtype) in (node.meta.get("nn_module_stack") or {}).items():
             path = re.sub(r"@\d+$", "", str(path))
             if not path or path.startswith("_"):
                 continue
-            members.setdefault(path, []).append(node)
+            marked = re.search(r"@(\d+)$", str(key))
+            call = int(marked.group(1)) if marked else 0
+            members.setdefault((path, call), []).append(node)
             types[path] = mtype if isinstance(mtype, str) else getattr(mtype, "__qualname__", "")
-    result: dict[str, tuple[str, str]] = {}
-    for path, nodes in members.items():
+    calls: dict[str, dict[int, str]] = {}
+    for (path, call), nodes in members.items():
         inside = set(nodes)
         leaving = [
             n
@@ -250,8 +326,11 @@ def _module_outputs(graph: torch.fx.Graph) -> dict[str, tuple[str, str]]:
             and any(user not in inside for user in n.users)
         ]
         if leaving:
-            result[path] = (types[path], leaving[-1].name)
-    return dict(sorted(result.items()))
+            calls.setdefault(path, {})[call] = leaving[-1].name
+    return {
+        path: (types[path], [by_call[c] for c in sorted(by_call)])
+        for path, by_call in sorted(calls.items())
+    }
 
 
 def _digest(program: ExportedProgram) -> str:
@@ -270,23 +349,52 @@ def _digest(program: ExportedProgram) -> str:
 
 
 def prepare(
-    name: str, source: str, program: ExportedProgram, device: torch.device, version: str = "1"
+    name: str,
+    source: str,
+    program: ExportedProgram,
+    device: torch.device,
+    version: str = "1",
+    *,
+    dims: dict[str, str] | None = None,
+    renamed: Sequence[Renamed] = (),
 ) -> Model:
-    """Indexes an exported program's graph and moves its weights to `device`."""
+    """Builds the served graph from an exported program (constant inputs folded in, in-place
+    operators made functional where exact), indexes it and moves its weights to `device`.
+
+    `dims` names dynamic dimensions by symbol (an archive's gradtap.json); `renamed` are the
+    archive's own output classes that the loader served as dicts."""
+    model = Model(
+        name=name, source=source, program=program, digest=_digest(program), version=version
+    )
+    model.renamed = list(renamed)
+    model.fixed_inputs = rewrite.fold_fixed_inputs(program)
+    notes = rewrite.functionalize_in_place(program)
     graph = program.graph
     ranges = dict(program.range_constraints)
     signature = program.graph_signature
     placeholders = {n.name: n for n in graph.nodes if n.op == "placeholder"}
-    model = Model(
-        name=name, source=source, program=program, digest=_digest(program), version=version
-    )
+
+    user_placeholders = [
+        spec.arg.name for spec in signature.input_specs if spec.kind == InputKind.USER_INPUT
+    ]
+    all_names = dict(zip(user_placeholders, naming.input_names(program, user_placeholders)))
+    tensor_inputs = [
+        (all_names[p], placeholders[p].meta.get("val"))
+        for p in user_placeholders
+        if p in placeholders and isinstance(placeholders[p].meta.get("val"), torch.Tensor)
+    ]
+    names = naming.dim_names(tensor_inputs, dims or {})
+    bounds = naming.index_bounds(graph, list(placeholders))
 
     for spec in signature.input_specs:
-        node = placeholders[spec.arg.name]
         if spec.kind == InputKind.USER_INPUT:
-            value_spec = _spec(node.meta.get("val"), ranges)
+            if spec.arg.name in model.fixed_inputs:
+                continue
+            node = placeholders[spec.arg.name]
+            value_spec = _spec(node.meta.get("val"), ranges, names)
             if value_spec is None:
                 raise ModelLoadError(f"input {spec.arg.name!r} is not a tensor")
+            value_spec = replace(value_spec, name=all_names[node.name], high=bounds.get(node.name))
             model.inputs.append(value_spec)
             model.input_nodes.append(node.name)
             model.nodes[node.name] = NodeInfo(node.name, "input", value_spec)
@@ -303,16 +411,18 @@ def prepare(
 
     output_node = next(n for n in graph.nodes if n.op == "output")
     flat_outputs = output_node.args[0]
-    for position, spec in enumerate(signature.output_specs):
-        if spec.kind != OutputKind.USER_OUTPUT:
-            continue
+    user_positions = [
+        p for p, spec in enumerate(signature.output_specs) if spec.kind == OutputKind.USER_OUTPUT
+    ]
+    out_names = naming.output_names(program, len(user_positions))
+    for position, out_name in zip(user_positions, out_names):
         value = flat_outputs[position]
         out_spec = _spec(
-            value.meta.get("val") if isinstance(value, torch.fx.Node) else value, ranges
+            value.meta.get("val") if isinstance(value, torch.fx.Node) else value, ranges, names
         )
         if out_spec is None:
-            raise ModelLoadError(f"output {position} is not a tensor")
-        model.outputs.append(out_spec)
+            raise ModelLoadError(f"output {position} ({out_name}) is not a tensor")
+        model.outputs.append(replace(out_spec, name=out_name))
         model.output_positions.append(position)
         model.output_nodes.append(value.name if isinstance(value, torch.fx.Node) else "")
 
@@ -327,12 +437,17 @@ def prepare(
     for node in graph.nodes:
         if node.op != "call_function":
             continue
-        node_spec = _spec(node.meta.get("val"), ranges)
+        node_spec = _spec(node.meta.get("val"), ranges, names)
         if node_spec is not None:
-            model.nodes[node.name] = NodeInfo(node.name, str(node.target), node_spec)
-    model.modules = {
-        path: (mtype, node)
-        for path, (mtype, node) in _module_outputs(graph).items()
-        if node in model.nodes
-    }
+            note = notes.get(node.name, "")
+            model.nodes[node.name] = NodeInfo(node.name, str(node.target), node_spec, note)
+    for input_node in model.input_nodes:
+        if input_node in notes:
+            info = model.nodes[input_node]
+            model.nodes[input_node] = replace(info, note=notes[input_node])
+    for path, (mtype, calls) in _module_calls(graph).items():
+        served = [node for node in calls if node in model.nodes]
+        if len(served) == len(calls):
+            model.modules[path] = (mtype, calls[-1])
+            model.module_calls[path] = calls
     return model

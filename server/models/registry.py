@@ -28,7 +28,7 @@ import torch
 from torch.export import ExportedProgram
 
 from ..errors import FailedPrecondition, ModelLoadError, NotFound
-from .archive import archive_options, load_archive
+from .archive import read_archive
 from .model import Model, prepare
 from .versions import (
     DEFAULT_VERSION,
@@ -367,10 +367,20 @@ class Registry:
     ) -> Model:
         estimate = unpacked_size(data, max_unpacked)
         with self.reserve(estimate, f"load of model {name} version {version}"):
-            archive = cast(bytes, data)  # read through io.BytesIO, which takes either: no copy
-            options = archive_options(archive)
-            model = prepare(name, source, load_archive(archive), self.device, version)
+            archive = read_archive(cast(bytes, data))  # io.BytesIO takes either: no copy
+            options = archive.options
+            model = prepare(
+                name,
+                source,
+                archive.program,
+                self.device,
+                version,
+                dims=options.get("dims"),
+                renamed=archive.renamed,
+            )
             model.batchable = bool(options.get("batching", True))
+            for renamed in archive.renamed:
+                log.info("model %s version %s: %s", name, version, renamed)
             return model
 
     def _fail(

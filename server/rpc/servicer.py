@@ -167,7 +167,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
     ) -> Iterator[Any]:  # messages, or pre-encoded chunk messages (bytes)
         started = time.perf_counter()
         with requests.model(self.registry, request.model) as model:
-            attribution = tokens.attribution(request, self.limits)
+            attribution = tokens.attribution(request, model, self.limits)
             with deadline.time_limit(context) as should_stop:
                 outcome = self._tokens.attribute(model, attribution, should_stop=should_stop)
             yield from tokens.stream(outcome, model, self.replica, started)

@@ -181,7 +181,9 @@ class _Checked:
         targets = [_target(t, i) for i, t in enumerate(request.targets)]
         corrupt = _corrupt_inputs(request, inputs, targets, limits)
         objective = (
-            objective_of(request.objective, limits) if request.HasField("objective") else None
+            objective_of(request.objective, limits, served)
+            if request.HasField("objective")
+            else None
         )
         if request.precision not in _AUTOCAST:
             raise InvalidArgument(
@@ -316,7 +318,21 @@ def _has(body: Message, name: str) -> bool:
     return name in body.DESCRIPTOR.fields_by_name and body.HasField(name)
 
 
-def objective_of(message: pb.Objective, limits: Limits) -> Objective:
+def _output(output: int, output_name: str, served: Model, field: str) -> int:
+    """The output position a request picks: `output`, or the output named `output_name`."""
+    if not output_name:
+        return output
+    if output:
+        raise InvalidArgument(
+            f"{field} sets both output ({output}) and output_name ({output_name[:80]!r}): "
+            "name the output one way",
+            reason="BAD_OUTPUT",
+            field=f"{field}output_name",
+        )
+    return served.output_position(output_name, f"{field}output_name")
+
+
+def objective_of(message: pb.Objective, limits: Limits, served: Model) -> Objective:
     """The objective, its tensor (if its kind has one) declared on the meta device."""
     kind = message.WhichOneof("kind")
     if kind is None:
@@ -349,7 +365,7 @@ def objective_of(message: pb.Objective, limits: Limits) -> Objective:
         index = tuple(body.correct)
     return Objective(
         kind=kind,
-        output=body.site.output,
+        output=_output(body.site.output, body.site.output_name, served, f"{field}.site."),
         node=body.site.node,
         index=index,
         tensor=tensor,
@@ -427,7 +443,7 @@ def attribution(request: pb.AttributeRequest, served: Model, limits: Limits) -> 
         inputs=[copied(m, t) for m, t in zip(request.inputs, inputs)],
         method=method,
         target=tuple(request.index),
-        output=request.output,
+        output=_output(request.output, request.output_name, served, ""),
         layer=request.node,
         params=params,
     )
@@ -435,7 +451,9 @@ def attribution(request: pb.AttributeRequest, served: Model, limits: Limits) -> 
 
 def perturbation(request: pb.PerturbRequest, served: Model, limits: Limits) -> Perturbation:
     """Checks and decodes a Perturb request."""
-    objective = objective_of(request.objective, limits) if request.HasField("objective") else None
+    objective = (
+        objective_of(request.objective, limits, served) if request.HasField("objective") else None
+    )
     method = names.PERTURB_METHODS.get(request.method)
     if method is None:
         raise _enum_error("perturbation method (fgsm or pgd)", request.method, "method")

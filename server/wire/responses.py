@@ -95,27 +95,41 @@ def description(model: Model, status: ModelStatus | None) -> pb.DescribeModelRes
         inputs=[_spec(s) for s in model.inputs],
         outputs=[_spec(s) for s in model.outputs],
         nodes=[
-            pb.GraphNode(name=n.name, op=n.op, spec=_spec(n.spec), differentiable=n.differentiable)
+            pb.GraphNode(
+                name=n.name,
+                op=n.op,
+                spec=_spec(n.spec),
+                differentiable=n.differentiable,
+                note=n.note,
+            )
             for n in model.nodes.values()
         ],
         modules=[
-            pb.ModuleOutput(path=path, type=mtype, node=node)
+            pb.ModuleOutput(path=path, type=mtype, node=node, calls=_calls(model, path))
             for path, (mtype, node) in model.modules.items()
         ],
         parameters=[name for name, _, is_param in model.state if is_param],
     )
 
 
+def _calls(model: Model, path: str) -> list[str]:
+    """The node of each call of a module called more than once; empty otherwise."""
+    calls = model.module_calls.get(path, [])
+    return calls if len(calls) > 1 else []
+
+
 def _spec(spec: Spec) -> pb.TensorSpec:
     return pb.TensorSpec(
         dtype=WIRE_DTYPES.get(spec.dtype, pb.DTYPE_UNSPECIFIED),
         shape=[d.size if d.size is not None else -1 for d in spec.dims],
-        dims=[d.symbol for d in spec.dims],
+        dims=[d.name or d.symbol if d.size is None else "" for d in spec.dims],
         min_shape=[d.size if d.size is not None else d.min for d in spec.dims],
         max_shape=[
             d.size if d.size is not None else (d.max if d.max is not None else -1)
             for d in spec.dims
         ],
+        name=spec.name,
+        high=spec.high or 0,
     )
 
 

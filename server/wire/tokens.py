@@ -20,7 +20,9 @@ from .requests import Limits, objective_copied, objective_of
 from .tensors import copied, declared
 
 
-def attribution(request: pb.AttributeTokensRequest, limits: Limits) -> TokenAttribution:
+def attribution(
+    request: pb.AttributeTokensRequest, served: Model, limits: Limits
+) -> TokenAttribution:
     """Checks and decodes an AttributeTokens request; the engine checks it against the model."""
     method = names.ATTRIBUTION_METHODS.get(request.method)
     if method is None:
@@ -54,7 +56,8 @@ def attribution(request: pb.AttributeTokensRequest, limits: Limits) -> TokenAttr
         continuation = declared(request.continuation, "continuation", limits.max_tensor_elements)
     objective = None
     if request.HasField("objective"):
-        objective = objective_copied(request.objective, objective_of(request.objective, limits))
+        decoded = objective_of(request.objective, limits, served)
+        objective = objective_copied(request.objective, decoded)
     return TokenAttribution(
         prompt=copied(request.prompt, prompt),
         continuation=(

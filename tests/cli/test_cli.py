@@ -75,7 +75,8 @@ def test_describe_shows_nodes_modules_and_dynamic_dimensions(address: str) -> No
     out = result.stdout
     assert "relu_1" in out and "aten.relu.default" in out
     assert any(line.split()[:3] == ["conv2", "->", "conv2d_1"] for line in out.splitlines())
-    assert "(?, 3, 28, 28)" in out and "(?, 64, 24, 24)" in out
+    assert "(batch, 3, 28, 28)" in out and "(batch, 64, 24, 24)" in out
+    assert "batch 1..4096" in out
 
 
 def test_describe_json_keeps_dynamic_dimensions_as_null(address: str) -> None:

@@ -112,3 +112,20 @@ def test_the_layer_test_sees_the_imports_it_checks() -> None:
     assert "grpc" in outside
     inside, _ = _imports("engine.analysis", known["engine.analysis"], known)
     assert {"engine.reduce", "models.model", "errors"} <= inside
+
+
+def test_the_exporter_stands_beside_the_request_path() -> None:
+    """server/export builds on models and the engine; no layer of the request path imports
+    it, and it imports neither the wire nor rpc (nor grpc or protobuf)."""
+    known = _modules()
+    wrong = []
+    for name, path in known.items():
+        inside, outside = _imports(name, path, known)
+        if name.startswith("export"):
+            wrong += [f"{name} -> {o}" for o in inside if o.split(".")[0] in ("wire", "rpc")]
+            wrong += [f"{name} -> {o}" for o in outside if o.startswith(("grpc", "gradtap.v1"))]
+        elif _layer(name) is not None:
+            wrong += [f"{name} -> {o}" for o in inside if o.startswith("export")]
+    assert wrong == []
+    inside, _ = _imports("export.exporter", known["export.exporter"], known)
+    assert {"models.archive", "engine.analysis"} <= inside
