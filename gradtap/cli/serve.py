@@ -85,6 +85,16 @@ def serve(
             "at least --max-batch-size, or batches cannot fill.",
         ),
     ] = 16,
+    compute_threads: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            metavar="N",
+            help="Threads that run the computations, one computation each at a time (default: "
+            "1 on the CPU, whose cores torch's own threads use; 2 on a GPU); 0 runs each on "
+            "the thread serving its call.",
+        ),
+    ] = None,
     max_queue: Annotated[
         int,
         typer.Option(
@@ -216,6 +226,7 @@ def serve(
         max_result_bytes=max_result_bytes,
         shared_memory=shared_memory,
         tracing=otel,
+        compute_threads=compute_threads,
     )
     bracketed = f"[{host}]" if ":" in host and not host.startswith("[") else host
     try:

@@ -20,6 +20,7 @@ from gradtap.v1 import gradtap_pb2 as pb
 
 from ..engine.analysis import Engine
 from ..engine.batching import Batcher
+from ..engine.compute import Compute, default_threads
 from ..models.registry import Registry, load_repository
 from ..models.zoo import load_builtins
 from ..wire import shm
@@ -71,6 +72,9 @@ class Settings:
     batch_timeout_us: int = 2000
     # The same-host transport (wire/shm.py): off unless asked for.
     shared_memory: bool = False
+    # Threads that run the engine's computations (engine/compute.py); None: as many as the
+    # device runs well at once (1 on the CPU); 0: each on the thread serving its call.
+    compute_threads: int | None = None
 
 
 def _interceptors(settings: Settings) -> list[grpc.ServerInterceptor]:
@@ -123,6 +127,7 @@ class Running:
     batcher: Batcher | None = None
     servicer: GradientServicer | None = None
     admission: Admission | None = None
+    compute: Compute | None = None
 
     def set_serving(self, serving: bool) -> None:
         status = (
@@ -139,6 +144,8 @@ class Running:
         self.server.stop(grace).wait()
         if self.servicer is not None:
             self.servicer.close()
+        if self.compute is not None:
+            self.compute.close()
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
             self.metrics_server.server_close()
@@ -158,7 +165,9 @@ def start(
     if settings.shared_memory and not shm.DIRECTORY.is_dir():
         raise ValueError(f"--shared-memory needs {shm.DIRECTORY} (a Linux host)")
     registry = Registry(device)
-    engine = Engine(device)
+    wanted = settings.compute_threads
+    compute = Compute(default_threads(device) if wanted is None else wanted)
+    engine = Engine(device, compute)
     interceptors = _interceptors(settings)
     observability = next(i for i in interceptors if isinstance(i, Observability))
     observability.known_model = lambda name: registry.get(name) is not None
@@ -219,6 +228,7 @@ def start(
         batcher=batcher,
         servicer=servicer,
         admission=next(i for i in interceptors if isinstance(i, Admission)),
+        compute=compute,
     )
     if settings.metrics_port is not None:
         running.metrics_server = start_metrics(

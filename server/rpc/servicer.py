@@ -113,7 +113,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
                     model, analysis, should_stop=lambda: not context.is_active()
                 )
                 if aggregator is not None:
-                    aggregator.add(analysis, outcome)
+                    self.engine.compute.run(aggregator.add, analysis, outcome)
             device, precision = outcome.device, outcome.precision
             yield from responses.many_item(
                 k, outcome, model, self.replica, started, decoded, omit=omit
@@ -130,8 +130,8 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         started = time.perf_counter()
         model = requests.model(self.registry, request.model)
         attribution = requests.attribution(request, model, self.limits)
-        outcome = attribute(
-            self.engine.device, model, attribution, should_stop=lambda: not context.is_active()
+        outcome = self.engine.compute.run(
+            attribute, self.engine.device, model, attribution, lambda: not context.is_active()
         )
         yield from responses.attribute_stream(outcome, model, self.replica, started)
 
@@ -145,4 +145,6 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         steps = perturb(
             self.engine, model, perturbation, should_stop=lambda: not context.is_active()
         )
+        # each step on a compute thread, other calls' computations in between
+        steps = self.engine.compute.iterate(steps)
         yield from responses.perturb_stream(steps, model, self.replica, started)

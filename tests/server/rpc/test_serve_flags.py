@@ -34,7 +34,7 @@ def test_every_flag_maps_onto_its_setting(
             "--max-concurrent-requests", "3", "--max-queue", "7", "--max-call-seconds", "12.5",
             "--tls-cert", str(files["cert.pem"]), "--tls-key", str(files["key.pem"]),
             "--tls-client-ca", str(files["ca.pem"]), "--auth-token-file", str(files["tokens"]),
-            "--metrics-port", "9091", "--shared-memory",
+            "--metrics-port", "9091", "--shared-memory", "--compute-threads", "3",
         ],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -49,6 +49,7 @@ def test_every_flag_maps_onto_its_setting(
     assert settings.auth_token_file == files["tokens"]
     assert settings.metrics_port == 9091
     assert settings.shared_memory is True
+    assert settings.compute_threads == 3
 
 
 def test_the_defaults_are_the_settings_defaults(served: list[tuple[str, Settings]]) -> None:
@@ -57,7 +58,7 @@ def test_the_defaults_are_the_settings_defaults(served: list[tuple[str, Settings
     ((_, settings),) = served
     defaults = Settings()
     names = ("max_concurrent_requests", "max_queue", "max_call_seconds", "metrics_port")
-    for name in (*names, "shared_memory"):
+    for name in (*names, "shared_memory", "compute_threads"):
         assert getattr(settings, name) == getattr(defaults, name), name
 
 
@@ -67,6 +68,7 @@ def test_the_defaults_are_the_settings_defaults(served: list[tuple[str, Settings
         ["--max-call-seconds", "0"],
         ["--max-concurrent-requests", "0"],
         ["--max-queue", "-1"],
+        ["--compute-threads", "-1"],
         ["--tls-cert", "/does/not/exist.pem"],
     ],
 )
