@@ -75,7 +75,7 @@ def run(cfg: Config, directory: Path, built: list[zoo.Built], skipped: dict[str,
     try:
         for server in servers.values():
             server.ready()
-            _warm(server.address)
+            _warm(server.address, 4 if cfg.quick else WARM_CLIENTS)
         clients = {k: Client(s.address, timeout=600) for k, s in servers.items()}
         for b in built:
             model = registry.get(b.entry.name)
@@ -138,7 +138,8 @@ def _measure(
     error = _max_relative_error(served("gradtap")(), eager(), entry, b.float_inputs)
     series = interleaved(variants, rounds=cfg.repeats, budget_s=cfg.budget_s, warmup=2)
     counters = {
-        key: per_call_counters(servers[key].pid, served(key), COUNTED_CALLS) for key in servers
+        key: per_call_counters(servers[key].pid, served(key), 2 if cfg.quick else COUNTED_CALLS)
+        for key in servers
     }
     return {
         "entry": entry,
@@ -149,7 +150,7 @@ def _measure(
     }
 
 
-def _warm(address: str) -> None:
+def _warm(address: str, clients: int) -> None:
     """A burst of concurrent calls, so that the server's serving threads have all served
     (a server computing on them then holds an OpenMP team on each, as in service)."""
     from gradtap.client import Client, Objective
@@ -161,7 +162,7 @@ def _warm(address: str) -> None:
             for _ in range(3):
                 c.analyze("seed-convnet", x, ["relu_1"], Objective.sum())
 
-    threads = [threading.Thread(target=calls) for _ in range(WARM_CLIENTS)]
+    threads = [threading.Thread(target=calls) for _ in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
@@ -274,6 +275,6 @@ def _report(section: Section, rows: list[dict[str, Any]], skipped: dict[str, str
         "module with a forward hook on each target and one torch.autograd.grad. Engine "
         "in-process: gradtap's engine on the same exported program in this process. End to "
         "end: Client.analyze against a server subprocess on loopback. Each server's "
-        f"voluntary context switches and minor page faults per call (median of {COUNTED_CALLS} "
+        f"voluntary context switches and minor page faults per call (over {COUNTED_CALLS} "
         "calls, read from /proc) are in the JSON and the zoo table."
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -78,3 +79,14 @@ def test_impossible_values_are_usage_errors(
     result = CliRunner().invoke(cli.app, ["serve", "--device", "cpu", *args])
     assert result.exit_code == 2, result.output
     assert not served
+
+
+def test_serve_caps_how_long_idle_openmp_threads_spin_unless_told(
+    served: list[tuple[str, Settings]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    assert CliRunner().invoke(cli.app, ["serve", "--device", "cpu"]).exit_code == 0
+    assert os.environ["GOMP_SPINCOUNT"] == "30000"
+    monkeypatch.setenv("GOMP_SPINCOUNT", "1000")
+    assert CliRunner().invoke(cli.app, ["serve", "--device", "cpu"]).exit_code == 0
+    assert os.environ["GOMP_SPINCOUNT"] == "1000"
