@@ -230,7 +230,15 @@ that skips the call machinery for one-message results: not done here.
 cores, the clients' CPU and the server's share the cores; the server's CPU per call is mostly
 the per-call Python above (about 0.4 ms of GIL-held time per call in a py-spy profile), which
 batching does not remove: a merged pass saves only the computation (0.31 ms per resblock
-request in-process, 0.16x per sample at batch 16).
+request in-process, 0.16x per sample at batch 16). One compute thread has a cost here: with a
+single team libgomp no longer throttles spinning, and with its default spin count the idle
+partner thread spun 4-9 ms of CPU after every computation (/proc/self/task/*/schedstat, 20
+seed-convnet passes); sequential seed-convnet calls cost the server 10.5-15.7 ms of CPU each
+against 3.7-3.8 ms with `--compute-threads 0` (measured on the loaded machine). `gradtap
+serve` therefore sets `GOMP_SPINCOUNT=30000` unless it is set (0-1.5 ms of spinning after a
+computation). Where many clients share few cores with the server, every parallel region also
+waits at its barrier for the partner thread to be scheduled; `OMP_NUM_THREADS=1` for the
+server avoids that, at the price of single-threaded computations.
 
 **Transport (>= 2.5 GB/s and >= 0.8x the socket in every run).** A 256 MiB result is copied
 four more times than the socket baseline's: on the server into each 1 MiB message and again
