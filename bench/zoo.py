@@ -110,16 +110,30 @@ def import_timm() -> Any:
     norm layer), and torchvision does not install beside this torch: where it is missing, its
     names are stand-ins (the bench builds no dataset or transform) and FrozenBatchNorm2d is
     torchvision's, written out above."""
+    if "timm" in sys.modules:
+        return sys.modules["timm"]
     try:
         import torchvision  # noqa: F401
     except Exception:  # noqa: BLE001 - absent, or present but broken against this torch
-        for key in [k for k in sys.modules if k.split(".")[0] == "torchvision"]:
-            del sys.modules[key]
-        if not any(isinstance(f, _AbsentTorchvision) for f in sys.meta_path):
-            sys.meta_path.insert(0, _AbsentTorchvision())
+        _forget_torchvision()
+        finder = _AbsentTorchvision()
+        sys.meta_path.insert(0, finder)
+        try:
+            import timm
+        finally:
+            # timm holds what it took; nothing else (transformers checks for torchvision)
+            # may find the stand-ins
+            sys.meta_path.remove(finder)
+            _forget_torchvision()
+        return timm
     import timm
 
     return timm
+
+
+def _forget_torchvision() -> None:
+    for key in [k for k in sys.modules if k.split(".")[0] == "torchvision"]:
+        del sys.modules[key]
 
 
 def available() -> dict[str, str]:
