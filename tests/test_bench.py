@@ -139,3 +139,17 @@ def test_stats_give_the_median_and_spread() -> None:
     assert (s["median"], s["min"], s["max"], s["q1"], s["q3"]) == (2.5, 1.0, 4.0, 1.75, 3.25)
     assert quantile([5.0], 0.99) == 5.0
     assert math.isnan(quantile([], 0.5))
+
+
+def test_stages_line_up_both_sides_marks_call_by_call() -> None:
+    from bench._stages import STEPS, stages
+
+    names = ["c0", "c1", "s0", "s1", "s2", "s3", "s4", "s5", "s6", "c3", "c4"]
+    client, server = [], []
+    for call in range(3):
+        for k, name in enumerate(names):
+            (client if name.startswith("c") else server).append((name, call * 1000 + k * 10))
+    server.append(("s0", 5000))  # a health check between calls: outside every call
+    steps = stages(server, client)
+    assert steps["calls"] == 3 and steps["total"] == 0.1  # 100 ns, in microseconds
+    assert all(steps[name] == 0.01 for name in STEPS)
