@@ -80,6 +80,15 @@ def main(argv: list[str] | None = None) -> int:
                 sections[section_name] = {"error": f"{type(e).__name__}: {e}"}
                 print(f"gpu-check: {section_name} failed: {e}", file=sys.stderr)
     results["wall_s"] = round(time.perf_counter() - started, 1)
+    budget = Section("run")
+    budget.target(
+        "the whole check",
+        f"< {BUDGET_S // 60} min",
+        results["wall_s"] / 60,
+        results["wall_s"] < BUDGET_S,
+        "min",
+    )
+    results["sections"]["run"] = budget.as_json()
     out = args.json or ROOT / "bench" / "results" / "gpu.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2, default=float) + "\n")
