@@ -69,6 +69,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    from gradtap.cli.serve import SPIN_COUNT
+
+    # The servers' OpenMP spin count here too, before torch loads libgomp: with libgomp's
+    # default, this process's idle OpenMP thread spun 4-9 ms after each in-process baseline,
+    # taking a core from the server measured next on a small machine.
+    os.environ.setdefault("GOMP_SPINCOUNT", SPIN_COUNT)
     import torch
 
     from . import report
@@ -84,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             "quick": cfg.quick,
             "repeats": cfg.repeats,
             "threads": cfg.threads,
+            "gomp_spincount": os.environ.get("GOMP_SPINCOUNT", ""),
             "sections": args.sections,
         },
         "sections": {},

@@ -178,8 +178,9 @@ How the numbers are taken:
   in rotating order, and a ratio is taken per round against the baseline of the same round.
   Tables give the median over rounds and the spread (min – max); the JSON adds quartiles.
 - Torch uses the same number of intra-op threads everywhere (the bench process and every
-  server, via `OMP_NUM_THREADS`). On a small machine the server and the client compete for
-  the same cores, which the end-to-end numbers include.
+  server, via `OMP_NUM_THREADS`), and the same OpenMP spin count (`GOMP_SPINCOUNT`, which
+  `gradtap serve` sets to 30,000 unless it is set). On a small machine the server and the
+  client compete for the same cores, which the end-to-end numbers include.
 - Every loop is bounded in count and in time.
 """
 
@@ -238,9 +239,13 @@ partner thread spun 4-9 ms of CPU after every computation (/proc/self/task/*/sch
 seed-convnet passes); sequential seed-convnet calls cost the server 10.5-15.7 ms of CPU each
 against 3.7-3.8 ms with `--compute-threads 0` (measured on the loaded machine). `gradtap
 serve` therefore sets `GOMP_SPINCOUNT=30000` unless it is set (0-1.5 ms of spinning after a
-computation). Where many clients share few cores with the server, every parallel region also
-waits at its barrier for the partner thread to be scheduled; `OMP_NUM_THREADS=1` for the
-server avoids that, at the price of single-threaded computations.
+computation), and the bench sets it in its own process too, whose idle OpenMP thread otherwise
+spun into the server call timed next. The cap is not free: regnety_002 in-process made 18-20
+voluntary context switches per call with it (a region's thread slept through a gap of more
+than about a millisecond) against 0-3 without, on the lightly loaded machine. Where many
+clients share few cores with the server, every parallel region also waits at its barrier for
+the partner thread to be scheduled; `OMP_NUM_THREADS=1` for the server avoids that, at the
+price of single-threaded computations.
 
 **Transport (>= 2.5 GB/s and >= 0.8x the socket in every run).** A 256 MiB result is copied
 four more times than the socket baseline's: on the server into each 1 MiB message and again
@@ -282,6 +287,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"| Python / torch / grpcio / numpy / captum | {m['python']} / {m['torch']} / "
         f"{m['grpcio']} / {m['numpy']} / {m['captum']} |",
         f"| torch threads (bench and servers) | {cfg['threads']} |",
+        f"| OpenMP spin count (GOMP_SPINCOUNT) | {cfg.get('gomp_spincount') or 'default'} |",
         f"| main server | `{cfg.get('main_server', '-')}` |",
         f"| rounds per comparison | {cfg['repeats']} |",
         f"| quick configuration | {'yes' if cfg['quick'] else 'no'} |",
