@@ -203,6 +203,9 @@ backward pass (counted in-process under `OMP_WAIT_POLICY=PASSIVE`: exactly 1,158
 context switches per call). The same engine called in-process from eight threads in turn made
 1,161 per call, and the server 890-1,170, against none from one thread; forcing the sleep
 in-process cost +30% on regnety_002 and +70% on seed-convnet (best of 10 calls each).
+`python -m bench.openmp` reproduces it in one process, in about a minute (one run: regnety_002
+0 switches and 22.6 ms from one thread, 1,161 and 49.5 ms from eight threads in turn, 1,158
+and 31.1 ms from one thread under PASSIVE; seed-convnet 0 and 0.84 ms, 45 and 1.94 ms).
 Every computation now runs on one compute thread (`--compute-threads`, engine/compute.py):
 44 voluntary switches per served regnety_002 call, the hand-offs. The zoo table counts them
 per model against a server started with `--compute-threads 0`, which computes as before. The
