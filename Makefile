@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test lint proto bench soak clean
+.PHONY: install serve test lint proto bench gpu-check soak clean
 
 install: $(STAMP) tools/node_modules/.installed
 
@@ -39,8 +39,17 @@ proto: install
 	$(BIN)/python scripts/gen_proto.py
 
 # The benchmarks (bench/): minutes; writes docs/performance.md and bench/results/bench.json.
+# BENCH_COMPARE: git refs whose servers the ab section measures beside this tree's (issue 9's
+# no-regression check); empty for none.
+BENCH_COMPARE ?= 54cfe66
 bench: install
-	$(BIN)/python -m bench --write-docs
+	$(BIN)/python -m bench --write-docs --compare "$(BENCH_COMPARE)"
+
+# The CUDA path on a GPU (bench/gpu_check.py): the CUDA tests and a short bench, under 8
+# minutes; writes bench/results/gpu.json and the GPU section of docs/performance.md. Without
+# CUDA it says so and does nothing.
+gpu-check: install
+	$(BIN)/python -m bench.gpu_check --write-docs
 
 # The soak (bench/soak.py): 30,000 mixed requests, the first 10,000 as warm-up (thread pool
 # and graph caches fill), against a server subprocess, at most 5

@@ -14,8 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-SECTIONS = ("overhead", "small_calls", "transport", "batching", "peers", "memory")
-NEEDS_MAIN_SERVER = {"overhead", "small_calls", "transport", "peers"}
+SECTIONS = ("overhead", "zoo", "small_calls", "transport", "batching", "peers", "memory", "ab")
+NEEDS_MAIN_SERVER = {"overhead", "small_calls", "transport", "peers", "ab"}
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,12 +42,22 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="PATH",
         help="where to write the JSON results (bench/results/bench.json)",
     )
+    parser.add_argument(
+        "--compare",
+        default="",
+        metavar="REF,REF",
+        help="git refs whose servers the ab section measures beside this tree's (e.g. "
+        "54cfe66,main); without it, no ab section",
+    )
     parser.add_argument("--write-docs", action="store_true", help="also write docs/performance.md")
     parser.add_argument(
         "--docs", type=Path, metavar="PATH", help="where --write-docs writes (docs/performance.md)"
     )
     args = parser.parse_args(argv)
     names = [n.strip().replace("-", "_") for n in args.only.split(",") if n.strip()]
+    args.refs = [r.strip() for r in args.compare.split(",") if r.strip()]
+    if not args.refs:
+        names = [n for n in names if n != "ab"]
     unknown = sorted(set(names) - set(SECTIONS))
     if unknown:
         parser.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
@@ -59,6 +69,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    from gradtap.cli.serve import SPIN_COUNT
+
+    # The servers' OpenMP spin count here too, before torch loads libgomp: with libgomp's
+    # default, this process's idle OpenMP thread spun 4-9 ms after each in-process baseline,
+    # taking a core from the server measured next on a small machine.
+    os.environ.setdefault("GOMP_SPINCOUNT", SPIN_COUNT)
     import torch
 
     from . import report
@@ -74,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             "quick": cfg.quick,
             "repeats": cfg.repeats,
             "threads": cfg.threads,
+            "gomp_spincount": os.environ.get("GOMP_SPINCOUNT", ""),
             "sections": args.sections,
         },
         "sections": {},
@@ -100,11 +117,11 @@ def main(argv: list[str] | None = None) -> int:
         main_repo.mkdir()
         batch_repo.mkdir()
         resnet = None
-        if "overhead" in args.sections:
+        if {"overhead", "ab"} & set(args.sections):
             _, resnet = models.export_resnet(main_repo, cfg.resnet_batch, cfg.resnet_image)
         if "transport" in args.sections:
             models.export_repeat(main_repo, cfg.transport_bytes)
-        if "peers" in args.sections:
+        if {"peers", "ab"} & set(args.sections):
             for size in cfg.naive_bytes:
                 models.export_repeat(main_repo, size)
         from gradtap.server.models.zoo import builtin_module
@@ -121,6 +138,16 @@ def main(argv: list[str] | None = None) -> int:
 
                     assert server is not None and resnet is not None
                     attempt(name, lambda: overhead.run(cfg, server.address, resnet))
+                elif name == "zoo":
+                    from . import real_models
+
+                    def run_zoo() -> Section:
+                        directory = Path(tmp, "zoo")
+                        directory.mkdir()
+                        built, skipped = real_models.prepare(cfg, directory)
+                        return real_models.run(cfg, directory, built, skipped)
+
+                    attempt(name, run_zoo)
                 elif name == "small_calls":
                     from . import small_calls
 
@@ -148,6 +175,11 @@ def main(argv: list[str] | None = None) -> int:
                     from . import memory
 
                     attempt(name, lambda: memory.run(cfg))
+                elif name == "ab":
+                    from . import ab
+
+                    assert server is not None
+                    attempt(name, lambda: ab.run(cfg, args.refs, server.address, main_repo))
         finally:
             if server is not None:
                 server.stop()
@@ -161,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nwrote {out}", file=sys.stderr)
     if args.write_docs:
         docs = args.docs or ROOT / "docs" / "performance.md"
-        docs.write_text(report.markdown(results))
+        previous = docs.read_text() if docs.exists() else ""
+        docs.write_text(report.with_gpu_section(report.markdown(results), previous))
         print(f"wrote {docs}", file=sys.stderr)
     return 1 if failed else 0
 

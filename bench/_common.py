@@ -340,8 +340,9 @@ class GradtapServer(Child):
         timeout: float = 180.0,
         *,
         wait: bool = True,
+        device: str = "cpu",
     ) -> None:
-        command = [*gradtap_command(), "serve", "--port", "0", "--device", "cpu", "--grace", "0"]
+        command = [*gradtap_command(), "serve", "--port", "0", "--device", device, "--grace", "0"]
         if repository is not None:
             command += ["--model-repository", str(repository)]
         if not builtins:
@@ -388,3 +389,43 @@ def reset_peak_rss(pid: int) -> bool:
     except OSError:
         return False
     return True
+
+
+def process_counters(pid: int) -> dict[str, float]:
+    """Counters of a process that do not depend on a quiet machine: minor page faults, and
+    voluntary and involuntary context switches summed over its threads; with its CPU seconds
+    and its thread count (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    counters = {
+        "minor_faults": float(fields[7]),
+        "cpu_s": (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"),
+        "voluntary_switches": 0.0,
+        "involuntary_switches": 0.0,
+        "threads": 0.0,
+    }
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/status") as f:
+                for line in f:
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        counters["voluntary_switches"] += int(line.split()[1])
+                    elif line.startswith("nonvoluntary_ctxt_switches:"):
+                        counters["involuntary_switches"] += int(line.split()[1])
+        except OSError:  # the thread ended meanwhile
+            continue
+        counters["threads"] += 1
+    return counters
+
+
+def per_call_counters(pid: int, fn: Callable[[], object], calls: int) -> dict[str, float]:
+    """The change of `process_counters(pid)` per call of fn, over `calls` calls (untimed:
+    reading /proc between calls would distort the times)."""
+    before = process_counters(pid)
+    for _ in range(calls):
+        fn()
+    after = process_counters(pid)
+    keys = ("minor_faults", "voluntary_switches", "involuntary_switches", "cpu_s")
+    out = {key: (after[key] - before[key]) / calls for key in keys}
+    out["threads"] = after["threads"]
+    return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import resource
 import socket
 import struct
 import sys
@@ -69,13 +70,18 @@ def run(cfg: Config, address: str) -> Section:
     source = np.ones(size, dtype=np.uint8)
     reused = np.empty(size, dtype=np.uint8)
     server_ms: dict[str, list[float]] = {"gradtap": [], "shm_reused": [], "shm_fresh": []}
+    faults: dict[str, list[int]] = {key: [] for key in server_ms}
+    """The client's minor page faults per call: a fresh 256 MiB array faults 65,536 small
+    pages, or 128 huge ones when the kernel has them to give."""
     last: dict[str, Any] = {}
     region = SharedRegion(size + 4096) if shm_available() else None
     try:
         with Client(address, timeout=600) as client:
 
             def call(key: str, shared_memory: Any = False) -> None:
+                before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 r = client.analyze(model, x, outputs=True, shared_memory=shared_memory)
+                faults[key].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
                 server_ms[key].append(r.metadata["timings"]["total_ms"])
                 last["r"] = r
 
@@ -167,13 +173,24 @@ def run(cfg: Config, address: str) -> Section:
     ):
         section.row(text, "GB/s", gbps[key], ratio=ratios(base, series[key]), ratio_to=base_name)
     section.info.update(result_bytes=size, model=model)
-    g = stats(gbps["gradtap"])["median"]
-    r = stats(to_socket)["median"]
+    # The issue's targets hold "in every run": the worst round is the measured figure.
+    g = stats(gbps["gradtap"])["min"]
+    r = stats(to_socket)["min"]
+    rounds = len(series["gradtap"])
+    per_round = list(zip(gbps["gradtap"], faults["gradtap"][-rounds:]))
+    section.info["gradtap_rounds"] = [
+        {"gb_per_s": round(gb, 3), "client_minor_faults": f} for gb, f in per_round
+    ]
+    section.info["transparent_hugepages"] = _thp()
     section.target(
-        "gradtap end-to-end throughput", f">= {TARGET_GBPS} GB/s", g, g >= TARGET_GBPS, "GB/s"
+        "gradtap end-to-end throughput (worst round)",
+        f">= {TARGET_GBPS} GB/s",
+        g,
+        g >= TARGET_GBPS,
+        "GB/s",
     )
     section.target(
-        "gradtap / plain socket (preallocated buffer)",
+        "gradtap / plain socket (preallocated buffer), worst round",
         f">= {TARGET_SOCKET_RATIO}x",
         r,
         r >= TARGET_SOCKET_RATIO,
@@ -197,6 +214,17 @@ def run(cfg: Config, address: str) -> Section:
         "Shared memory (`gradtap serve --shared-memory`, docs/shared-memory.md): the server "
         "pwrite()s the result into a region the client made in /dev/shm, and the client's "
         "arrays are views of it; a fresh region per call pays for allocating its pages. "
+        "The targets are judged on the worst round (the issue asks for them in every run); "
+        "the JSON lists each round's throughput beside the client's page faults for it. "
         "GB = 1e9 bytes."
     )
     return section
+
+
+def _thp() -> str:
+    """The kernel's transparent huge page setting (`always [madvise] never`), or ""."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read().strip()
+    except OSError:
+        return ""

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
-from collections.abc import Iterable
+import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -76,6 +79,37 @@ def single_chunk(data: bytes, chunks_tag: int) -> RawChunk | None:
     except ValueError:
         return None
     return None
+
+
+RELEASE_EVERY = 32 << 20
+"""Bytes received between two returns of freed heap memory to the system (see _trim)."""
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, or None elsewhere.
+
+    gRPC hands every received message to Python as a fresh bytes object, 1 MiB for a chunk,
+    freed once copied into its array; glibc keeps such freed blocks in its heap, fragmented,
+    and a 128 MiB result raised a fresh client's peak by 1.15-1.57x its size (4 runs).
+    Returning the free pages every RELEASE_EVERY bytes kept it to 1.14-1.18x, with no
+    process-wide malloc setting (which would be the caller's to choose)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        trim = ctypes.CDLL(None).malloc_trim  # the process's own symbols: glibc's, if any
+    except (OSError, AttributeError):  # not glibc
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim  # type: ignore[no-any-return]
+
+
+def _trim(pad: int) -> None:
+    """Returns the heap's free pages to the system, where glibc can."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(pad)
 
 
 def broken(message: str) -> GradtapError:
@@ -166,4 +200,7 @@ class Frames:
             raise broken(f"tensor {chunk.tensor_id}: chunk at offset {start} is out of order")
         target[start : start + size] = np.frombuffer(chunk.data, dtype=np.uint8)
         self._filled[chunk.tensor_id] = start + size
+        before = self.received
         self.received += size
+        if before // RELEASE_EVERY != self.received // RELEASE_EVERY:
+            _trim(0)

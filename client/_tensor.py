@@ -31,10 +31,15 @@ DTYPE_NAMES: dict[pb.DType.ValueType, str] = {
 """Wire dtype -> the name users see, e.g. "float32"."""
 
 _WIRE_BY_NAME = {name: code for code, name in DTYPE_NAMES.items()}
+_WIRE_BY_DTYPE = {dtype: code for code, dtype in NUMPY_DTYPES.items()}
+"""The common case in one lookup (numpy computes dtype.name in Python, on every access)."""
 
 
 def wire_dtype(dtype: np.dtype[Any]) -> pb.DType.ValueType:
     """The wire dtype of a numpy dtype; ValueError for an unsupported one."""
+    code = _WIRE_BY_DTYPE.get(dtype)
+    if code is not None:
+        return code
     name = "bfloat16" if dtype == ml_dtypes.bfloat16 else dtype.name
     code = _WIRE_BY_NAME.get(name)
     if code is None:

@@ -20,7 +20,7 @@ from bench._common import quantile, stats
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("overhead", "small_calls", "transport", "batching", "peers", "memory")
+SECTIONS = ("overhead", "zoo", "small_calls", "transport", "batching", "peers", "memory")
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +83,22 @@ def test_baselines_are_measured_in_the_same_run_as_what_they_judge(
     assert any("Captum" in n for n in names["peers"])
     assert any("naive unary gRPC, raw bytes" in n for n in names["peers"])
     assert any("torch.save" in n for n in names["peers"])
+    assert any("eager autograd.grad" in n for n in names["zoo"])
+    assert any("--compute-threads 0" in n for n in names["zoo"])
     # gradtap's gradients in the overhead benchmark are the in-process ones
     assert sections["overhead"]["info"]["max_relative_error_vs_in_process"] < 1e-4
+
+
+def test_the_zoo_holds_real_architectures_whose_gradtap_gradients_are_eager_ones(
+    run: tuple[dict[str, Any], str, str],
+) -> None:
+    zoo = run[0]["sections"]["zoo"]
+    table = zoo["info"]["table"]
+    assert {t["family"] for t in table} >= {"seed"}
+    for t in table:
+        assert t["max_relative_error"] < 1e-3, t
+        assert t["switches_per_call"] >= 0 and t["faults_per_call"] >= 0, t
+    assert "| model | eager | engine in-process | end to end |" in run[1]
 
 
 def test_machine_and_command_are_recorded(run: tuple[dict[str, Any], str, str]) -> None:
@@ -125,3 +139,17 @@ def test_stats_give_the_median_and_spread() -> None:
     assert (s["median"], s["min"], s["max"], s["q1"], s["q3"]) == (2.5, 1.0, 4.0, 1.75, 3.25)
     assert quantile([5.0], 0.99) == 5.0
     assert math.isnan(quantile([], 0.5))
+
+
+def test_stages_line_up_both_sides_marks_call_by_call() -> None:
+    from bench._stages import STEPS, stages
+
+    names = ["c0", "c1", "s0", "s1", "s2", "s3", "s4", "s5", "s6", "c3", "c4"]
+    client, server = [], []
+    for call in range(3):
+        for k, name in enumerate(names):
+            (client if name.startswith("c") else server).append((name, call * 1000 + k * 10))
+    server.append(("s0", 5000))  # a health check between calls: outside every call
+    steps = stages(server, client)
+    assert steps["calls"] == 3 and steps["total"] == 0.1  # 100 ns, in microseconds
+    assert all(steps[name] == 0.01 for name in STEPS)

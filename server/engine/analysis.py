@@ -25,6 +25,7 @@ from ..errors import Cancelled, InvalidArgument, ResourceExhausted
 from ..models.model import Model, bindings, dtype_name, shape_of
 from . import graph
 from . import reduce as _reduce
+from .compute import Compute
 from .graph import ShouldStop, never
 from .objectives import Objective, check, loss
 
@@ -125,10 +126,15 @@ class _Plan:
 
 
 class Engine:
-    """Runs analyses on prepared models; safe to call from many threads at once."""
+    """Runs analyses on prepared models; safe to call from many threads at once.
 
-    def __init__(self, device: torch.device) -> None:
+    With a `compute` of its own threads (engine/compute.py), every analysis runs on one of
+    them; by default, on the caller's thread.
+    """
+
+    def __init__(self, device: torch.device, compute: Compute | None = None) -> None:
         self.device = device
+        self.compute = compute if compute is not None else Compute(0)
         self._device_name = str(device)
         self._cuda = device.type == "cuda"
         self._lock = threading.Lock()
@@ -141,6 +147,9 @@ class Engine:
 
         The inputs must fit the model (see the module docstring).
         """
+        return self.compute.run(self._analyze_mapped, model, request, should_stop)
+
+    def _analyze_mapped(self, model: Model, request: Analysis, should_stop: ShouldStop) -> Outcome:
         try:
             return self._analyze(model, request, should_stop)
         except torch.OutOfMemoryError:

@@ -306,7 +306,9 @@ class Batcher:
             if len(live) == 1:
                 live[0].outcome = self._alone(model, live[0].analysis, live[0].should_stop)
             elif live:
-                self._merged(model, live)
+                # on a compute thread, with the merged pass: concatenating and slicing big
+                # batches runs torch's parallel kernels too (see engine/compute.py)
+                self.engine.compute.run(self._merged, model, live)
         except RequestError as e:
             if len(live) == 1:  # it ran alone: the error is its own
                 live[0].error = e

@@ -34,6 +34,8 @@ def tensor_bytes(model: Model, analysis: Analysis) -> list[int]:
     if analysis.outputs:
         for spec in model.outputs:
             sizes.append(math.prod(_size(d, bound) for d in spec.dims) * spec.dtype.itemsize)
+    if not analysis.param_grads:
+        return sizes
     wanted = set(analysis.param_grads)
     for name, value, is_param in model.state:
         if is_param and (ALL_PARAMETERS in wanted or name in wanted):

@@ -21,6 +21,7 @@ from gradtap.v1 import model_service_pb2 as ms
 
 from ..engine.analysis import Engine
 from ..engine.batching import Batcher
+from ..engine.compute import Compute, default_threads
 from ..models.model import Model
 from ..models.registry import Registry
 from ..models.repository import Repository
@@ -88,6 +89,9 @@ class Settings:
     max_upload_bytes: int = 1 << 30
     # Watch the model repository every this many seconds (None: read it once, at start).
     poll_repository: float | None = None
+    # Threads that run the engine's computations (engine/compute.py); None: as many as the
+    # device runs well at once (1 on the CPU); 0: each on the thread serving its call.
+    compute_threads: int | None = None
 
 
 def _interceptors(settings: Settings) -> list[grpc.ServerInterceptor]:
@@ -160,6 +164,7 @@ class Running:
     servicer: GradientServicer | None = None
     admission: Admission | None = None
     repository: Repository | None = None
+    compute: Compute | None = None
 
     def set_serving(self, serving: bool) -> None:
         status = (
@@ -190,6 +195,8 @@ class Running:
         self.server.stop(grace).wait()
         if self.servicer is not None:
             self.servicer.close()
+        if self.compute is not None:
+            self.compute.close()
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
             self.metrics_server.server_close()
@@ -210,8 +217,10 @@ def start(
         raise ValueError(f"--shared-memory needs {shm.DIRECTORY} (a Linux host)")
     if settings.poll_repository is not None and settings.model_repository is None:
         raise ValueError("--poll-repository needs --model-repository")
-    engine = Engine(device)
     registry = Registry(device)
+    wanted = settings.compute_threads
+    compute = Compute(default_threads(device) if wanted is None else wanted)
+    engine = Engine(device, compute)
     interceptors = _interceptors(settings)
     _check_model_control(settings, interceptors)
     observability = next(i for i in interceptors if isinstance(i, Observability))
@@ -289,6 +298,7 @@ def start(
         servicer=servicer,
         admission=next(i for i in interceptors if isinstance(i, Admission)),
         repository=repository,
+        compute=compute,
     )
     registry.on_change = running.model_changed
     if settings.metrics_port is not None:

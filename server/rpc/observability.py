@@ -178,6 +178,16 @@ class _Call:
     """What a model-control call did and who asked (see `audit`)."""
 
 
+@dataclass
+class _Series:
+    """A method's (or a method and model's) labelled metrics."""
+
+    in_flight: Any = None
+    queue_seconds: Any = None
+    request_seconds: Any = None
+    streamed_bytes: Any = None
+
+
 _current: ContextVar[_Call | None] = ContextVar("gradtap_current_call", default=None)
 
 
@@ -228,6 +238,7 @@ class Observability(grpc.ServerInterceptor):  # type: ignore[misc]
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = Metrics(self.registry)
         self.known_model = known_model
+        self._children: dict[tuple[str, str | None], _Series] = {}
 
     def observe_batch(self, size: int) -> None:
         """Records the size of one batch run by the dynamic batcher."""
@@ -313,21 +324,41 @@ class Observability(grpc.ServerInterceptor):  # type: ignore[misc]
 
     def _begin(self, call: _Call) -> _Call:
         call.queued = time.perf_counter() - call.arrived
-        self.metrics.in_flight.labels(call.rpc).inc()
+        self._series(call.rpc).in_flight.inc()
         _current.set(call)
         return call
+
+    def _series(self, rpc: str, model: str | None = None) -> _Series:
+        """The labelled metrics of a method (and model), looked up once: prometheus_client's
+        labels() validates and locks on every call, a few microseconds each."""
+        key = (rpc, model)
+        series = self._children.get(key)
+        if series is None:
+            m = self.metrics
+            if model is None:
+                series = _Series(
+                    in_flight=m.in_flight.labels(rpc), queue_seconds=m.queue_seconds.labels(rpc)
+                )
+            else:
+                series = _Series(
+                    request_seconds=m.request_seconds.labels(rpc, model),
+                    streamed_bytes=m.streamed_bytes.labels(rpc, model),
+                )
+            self._children[key] = series
+        return series
 
     def _end(self, call: _Call, context: grpc.ServicerContext) -> None:
         _current.set(None)
         _tag(context, call.request_id)
         seconds = time.perf_counter() - call.arrived
         model = self._model_label(call.model)
-        m = self.metrics
-        m.in_flight.labels(call.rpc).dec()
-        m.requests.labels(call.rpc, model, call.code.name).inc()
-        m.request_seconds.labels(call.rpc, model).observe(seconds)
-        m.queue_seconds.labels(call.rpc).observe(call.queued)
-        m.streamed_bytes.labels(call.rpc, model).inc(call.bytes_sent)
+        method = self._series(call.rpc)
+        by_model = self._series(call.rpc, model)
+        method.in_flight.dec()
+        self.metrics.requests.labels(call.rpc, model, call.code.name).inc()
+        by_model.request_seconds.observe(seconds)
+        method.queue_seconds.observe(call.queued)
+        by_model.streamed_bytes.inc(call.bytes_sent)
         line = {
             "ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
             "request_id": call.request_id,

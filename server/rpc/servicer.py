@@ -127,7 +127,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
                     model, analysis, should_stop=lambda: not context.is_active()
                 )
                 if aggregator is not None:
-                    aggregator.add(analysis, outcome)
+                    self.engine.compute.run(aggregator.add, analysis, outcome)
             device, precision = outcome.device, outcome.precision
             yield from responses.many_item(
                 k, outcome, model, self.replica, started, decoded, omit=omit
@@ -144,8 +144,8 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         started = time.perf_counter()
         with requests.model(self.registry, request.model) as model:
             attribution = requests.attribution(request, model, self.limits)
-            outcome = attribute(
-                self.engine.device, model, attribution, should_stop=lambda: not context.is_active()
+            outcome = self.engine.compute.run(
+                attribute, self.engine.device, model, attribution, lambda: not context.is_active()
             )
             yield from responses.attribute_stream(outcome, model, self.replica, started)
 
@@ -159,6 +159,8 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
             steps = perturb(
                 self.engine, model, perturbation, should_stop=lambda: not context.is_active()
             )
+            # each step on a compute thread, other calls' computations in between
+            steps = self.engine.compute.iterate(steps)
             yield from responses.perturb_stream(steps, model, self.replica, started)
 
     @status_mapped
@@ -169,5 +171,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         with requests.model(self.registry, request.model) as model:
             attribution = tokens.attribution(request, model, self.limits)
             with deadline.time_limit(context) as should_stop:
-                outcome = self._tokens.attribute(model, attribution, should_stop=should_stop)
+                outcome = self.engine.compute.run(
+                    self._tokens.attribute, model, attribution, should_stop
+                )
             yield from tokens.stream(outcome, model, self.replica, started)

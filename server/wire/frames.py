@@ -22,21 +22,24 @@ CHUNK_BYTES = 1 << 20
 def header(tensors: Sequence[Collected]) -> pb.AnalyzeHeader:
     """Announces every tensor of a result, in the order its bytes will follow."""
     result = pb.AnalyzeHeader()
+    total = 0
     for i, c in enumerate(tensors):
-        result.tensors.append(
-            pb.TensorHeader(
-                id=i,
-                role=ROLES[c.role],
-                name=c.name,
-                index=c.index,
-                dtype=WIRE_DTYPES[c.tensor.dtype],
-                shape=list(c.tensor.shape),
-                byte_size=c.tensor.numel() * c.tensor.element_size(),
-            )
+        t = c.tensor
+        byte_size = t.numel() * t.element_size()
+        # add() builds the header in place; append() would copy it
+        added = result.tensors.add(
+            id=i,
+            role=ROLES[c.role],
+            name=c.name,
+            index=c.index,
+            dtype=WIRE_DTYPES[t.dtype],
+            shape=t.shape,
+            byte_size=byte_size,
         )
-        result.total_bytes += result.tensors[-1].byte_size
+        total += byte_size
         if c.reduction is not None:
-            _reduction_header(result.tensors[-1], c.reduction)
+            _reduction_header(added, c.reduction)
+    result.total_bytes = total
     return result
 
 

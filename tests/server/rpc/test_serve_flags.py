@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -34,7 +35,7 @@ def test_every_flag_maps_onto_its_setting(
             "--max-concurrent-requests", "3", "--max-queue", "7", "--max-call-seconds", "12.5",
             "--tls-cert", str(files["cert.pem"]), "--tls-key", str(files["key.pem"]),
             "--tls-client-ca", str(files["ca.pem"]), "--auth-token-file", str(files["tokens"]),
-            "--metrics-port", "9091", "--shared-memory",
+            "--metrics-port", "9091", "--shared-memory", "--compute-threads", "3",
         ],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -49,6 +50,7 @@ def test_every_flag_maps_onto_its_setting(
     assert settings.auth_token_file == files["tokens"]
     assert settings.metrics_port == 9091
     assert settings.shared_memory is True
+    assert settings.compute_threads == 3
 
 
 def test_the_defaults_are_the_settings_defaults(served: list[tuple[str, Settings]]) -> None:
@@ -57,7 +59,7 @@ def test_the_defaults_are_the_settings_defaults(served: list[tuple[str, Settings
     ((_, settings),) = served
     defaults = Settings()
     names = ("max_concurrent_requests", "max_queue", "max_call_seconds", "metrics_port")
-    for name in (*names, "shared_memory"):
+    for name in (*names, "shared_memory", "compute_threads"):
         assert getattr(settings, name) == getattr(defaults, name), name
 
 
@@ -67,6 +69,7 @@ def test_the_defaults_are_the_settings_defaults(served: list[tuple[str, Settings
         ["--max-call-seconds", "0"],
         ["--max-concurrent-requests", "0"],
         ["--max-queue", "-1"],
+        ["--compute-threads", "-1"],
         ["--tls-cert", "/does/not/exist.pem"],
     ],
 )
@@ -76,3 +79,14 @@ def test_impossible_values_are_usage_errors(
     result = CliRunner().invoke(cli.app, ["serve", "--device", "cpu", *args])
     assert result.exit_code == 2, result.output
     assert not served
+
+
+def test_serve_caps_how_long_idle_openmp_threads_spin_unless_told(
+    served: list[tuple[str, Settings]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    assert CliRunner().invoke(cli.app, ["serve", "--device", "cpu"]).exit_code == 0
+    assert os.environ["GOMP_SPINCOUNT"] == "30000"
+    monkeypatch.setenv("GOMP_SPINCOUNT", "1000")
+    assert CliRunner().invoke(cli.app, ["serve", "--device", "cpu"]).exit_code == 0
+    assert os.environ["GOMP_SPINCOUNT"] == "1000"
