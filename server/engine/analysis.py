@@ -27,7 +27,7 @@ from . import graph
 from . import reduce as _reduce
 from .compute import Compute
 from .graph import ShouldStop, never
-from .objectives import Objective, check, loss
+from .objectives import Objective, check, loss, trimmed, trimmed_shape
 
 PLANS_PER_MODEL = 256
 """Resolved request plans kept per model (one per distinct set of targets and objective site)."""
@@ -232,7 +232,7 @@ class Engine:
             if objective is not None:
                 site = captured[plan.site_node] if plan.site_node else outputs[objective.output]
                 if objective.parts:
-                    losses = [loss(part, site[a:b]) for a, b, part in objective.parts]
+                    losses = [loss(p, trimmed(site[a:b], p.trim)) for a, b, p in objective.parts]
                     part_losses = [x.item() for x in losses]
                     scalar = torch.stack(losses).sum()
                 else:
@@ -490,7 +490,7 @@ def _check_objective(
     if not objective.parts:
         check(objective, shape, spec.dtype)
     for start, end, part in objective.parts:
-        check(part, (end - start, *shape[1:]), spec.dtype)
+        check(part, trimmed_shape((end - start, *shape[1:]), part.trim), spec.dtype)
 
 
 def _grad(scalar: torch.Tensor, wrt: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -8,6 +8,9 @@ Merging is exact only when no sample influences another. A request is batched wh
 Compatible requests (same model, targets, objective kind and site, flags and per-sample
 shapes) are concatenated along dimension 0; the objective is the sum of each request's own
 objective on its rows, so each request's gradients are exactly its unbatched gradients.
+Where the model declares how to pad (server/models/padding.py), requests of different
+sequence lengths are compatible too: each is padded to the longest, and its results and
+objective are cut back to its own positions (engine/padded.py).
 Everything else runs alone, unchanged.
 """
 
@@ -23,10 +26,11 @@ from typing import Any
 import torch
 
 from ..errors import Cancelled, RequestError
-from ..models.model import Model
-from .analysis import Analysis, Collected, Engine, Outcome
+from ..models.model import Model, Spec
+from .analysis import Analysis, Collected, Engine, Outcome, Role
 from .graph import ShouldStop
-from .objectives import Objective
+from .objectives import Objective, trimmed
+from .padded import Padder, padder, trimmable
 
 BatchObserver = Callable[[int], None]
 
@@ -117,7 +121,9 @@ class Batcher:
 
     The first request of a batch leads it: it waits up to `timeout_us` for companions (or
     until `max_batch_size` rows have gathered), runs the merged pass and hands each
-    follower its share. No extra threads are involved.
+    follower its share. No extra threads are involved. A request arriving while no other
+    is in flight (nor was lately) runs at once, unless `always_wait`: then every request
+    waits for companions, so that what merges does not depend on timing (tests).
     """
 
     def __init__(
@@ -126,6 +132,7 @@ class Batcher:
         max_batch_size: int = 16,
         timeout_us: int = 2000,
         observe: BatchObserver | None = None,
+        always_wait: bool = False,
     ) -> None:
         self.engine = engine
         self.max_batch_size = max_batch_size
@@ -135,11 +142,15 @@ class Batcher:
         self._queues: dict[tuple[Any, ...], _Queue] = {}
         self._symbols: dict[int, str | None] = {}
         """Model.key -> its batch symbol, or None when it cannot be batched."""
-        self._batched_sites: dict[tuple[Any, ...], bool] = {}
-        """(Model.key, target names, objective site) -> whether all carry the batch dim;
-        only for names that resolve."""
+        self._padders: dict[int, Padder | None] = {}
+        """Model.key -> how its requests of different lengths are padded, if they can be."""
+        self._batched_sites: dict[tuple[Any, ...], tuple[bool, bool]] = {}
+        """(Model.key, target names, objective site) -> whether all carry the batch dim, and
+        whether all can be trimmed to a padded request's own positions; only for names that
+        resolve."""
         self._active = 0
         self._window = max(0.01, 5 * self.timeout)
+        self._always_wait = always_wait
         self._overlapped_at = -math.inf
         """When a request last arrived with another one in flight."""
 
@@ -153,6 +164,7 @@ class Batcher:
             if symbol is not None and (not model.batchable or mixes_samples(model, symbol)):
                 symbol = None
             self._symbols[key] = symbol
+            self._padders[key] = None if symbol is None else padder(model, symbol)
         return self._symbols[key]
 
     def _key(self, model: Model, analysis: Analysis) -> tuple[Any, ...] | None:
@@ -181,16 +193,24 @@ class Batcher:
         targets = tuple((t.name, t.activation, t.gradient) for t in analysis.targets)
         site = None if objective is None else (objective.node, objective.output)
         sites = (model.key, tuple(name for name, _, _ in targets), site)
-        batched = self._batched_sites.get(sites)
-        if batched is None:
+        answer = self._batched_sites.get(sites)
+        if answer is None:
             batched = _batch_first(model, symbol, sites[1], site)
             if batched is None:
                 return None
+            answer = (batched, batched and self._trimmable(model, sites[1], site))
             if len(self._batched_sites) >= _SITES_KEPT:
                 self._batched_sites.clear()
-            self._batched_sites[sites] = batched
+            self._batched_sites[sites] = answer
+        batched, padded = answer
         if not batched:
             return None
+        pad = self._padders.get(model.key) if padded else None
+        shapes = [list(t.shape[1:]) for t in analysis.inputs]
+        if pad is not None:  # any length: the sequence dimensions merge padded
+            for shape, dims in zip(shapes, pad.dims):
+                for d in dims:
+                    shape[d - 1] = -1
         return (
             model.key,
             targets,
@@ -200,15 +220,31 @@ class Batcher:
             analysis.input_gradients,
             analysis.outputs,
             analysis.autocast,
-            tuple((t.dtype, tuple(t.shape[1:])) for t in analysis.inputs),
+            tuple((t.dtype, tuple(shape)) for t, shape in zip(analysis.inputs, shapes)),
             None
             if objective is None or objective.tensor is None
-            else (objective.tensor.dtype, tuple(objective.tensor.shape[1:])),
+            else (
+                objective.tensor.dtype,
+                objective.tensor.dim() if pad else tuple(objective.tensor.shape[1:]),
+            ),
         )
+
+    def _trimmable(
+        self, model: Model, targets: tuple[str, ...], site: tuple[str, int] | None
+    ) -> bool:
+        """True when the model pads and every value a request touches can be cut back to
+        its own positions (see engine/padded.py)."""
+        pad = self._padders.get(model.key)
+        if pad is None:
+            return False
+        names = [*targets, *([site[0]] if site is not None and site[0] else [])]
+        specs = [model.nodes[model.resolve(name) or ""].spec for name in names]
+        return all(trimmable(spec, pad.symbol) for spec in [*specs, *model.outputs])
 
     def forget(self, model: Model) -> None:
         """Drops the eligibility answers kept for `model`, once no call runs on it."""
         self._symbols.pop(model.key, None)
+        self._padders.pop(model.key, None)
         for sites in [s for s in self._batched_sites if s[0] == model.key]:
             self._batched_sites.pop(sites, None)
 
@@ -226,7 +262,7 @@ class Batcher:
                 self._overlapped_at = now
             # Waiting for companions only pays when requests overlap; a lone caller
             # (no other request in flight lately) runs at once, paying no delay.
-            wait = self._overlapped_at >= now - self._window
+            wait = self._always_wait or self._overlapped_at >= now - self._window
             queue = self._queues.get(key)
             if queue is None and wait:
                 queue = self._queues[key] = _Queue(key, self._most_rows(model))
@@ -330,14 +366,26 @@ class Batcher:
 
     def _merged(self, model: Model, live: list[_Pending]) -> None:
         first = live[0].analysis
-        inputs = [torch.cat([p.analysis.inputs[i] for p in live]) for i in range(len(first.inputs))]
+        pad = self._padders.get(model.key)
+        lengths = [pad.length(p.analysis.inputs) if pad else 0 for p in live]
+        longest = max(lengths)
+        each = [p.analysis.inputs for p in live]
+        if pad is not None and min(lengths) != longest:
+            each = [pad.pad(p.analysis.inputs, longest) for p in live]
+        else:
+            pad = None
+        inputs = [torch.cat([e[i] for e in each]) for i in range(len(first.inputs))]
         objective = None
         if first.objective is not None:
+            site = _site_spec(model, first.objective)
             parts: list[tuple[int, int, Objective]] = []
             start = 0
-            for p in live:
-                assert p.analysis.objective is not None
-                parts.append((start, start + p.rows, p.analysis.objective))
+            for p, length in zip(live, lengths):
+                own = p.analysis.objective
+                assert own is not None
+                if pad is not None:
+                    own = replace(own, trim=pad.trim(site, length, longest))
+                parts.append((start, start + p.rows, own))
                 start += p.rows
             objective = replace(first.objective, tensor=None, parts=tuple(parts))
         merged = replace(first, inputs=inputs, objective=objective)
@@ -347,11 +395,14 @@ class Batcher:
         outcome = self.engine.analyze(model, merged, lambda: all(p.should_stop() for p in live))
         outcome.batch_size = len(live)
         start = 0
-        for i, p in enumerate(live):
+        for i, (p, length) in enumerate(zip(live, lengths)):
             share = slice(start, start + p.rows)
             start += p.rows
             p.outcome = Outcome(
-                tensors=[_slice(c, share) for c in outcome.tensors],
+                tensors=[
+                    _slice(c, share, pad.trim(_spec(model, c), length, longest) if pad else ())
+                    for c in outcome.tensors
+                ],
                 loss=outcome.part_losses[i] if outcome.part_losses else outcome.loss,
                 device=outcome.device,
                 timings=outcome.timings,
@@ -360,8 +411,23 @@ class Batcher:
             )
 
 
-def _slice(c: Collected, rows: slice) -> Collected:
-    return Collected(c.role, c.name, c.index, c.tensor[rows].contiguous())
+def _slice(c: Collected, rows: slice, trim: tuple[tuple[int, int, int], ...]) -> Collected:
+    return Collected(c.role, c.name, c.index, trimmed(c.tensor[rows], trim).contiguous())
+
+
+def _site_spec(model: Model, objective: Objective) -> Spec:
+    if objective.node:
+        return model.nodes[model.resolve(objective.node) or ""].spec
+    return model.outputs[objective.output]
+
+
+def _spec(model: Model, c: Collected) -> Spec:
+    """The spec of a merged result's tensor (merged requests ask for no reductions)."""
+    if c.role is Role.OUTPUT:
+        return model.outputs[c.index]
+    if c.role is Role.INPUT_GRADIENT:
+        return model.inputs[c.index]
+    return model.nodes[model.resolve(c.name) or ""].spec
 
 
 __all__: Sequence[str] = ["Batcher", "batch_symbol", "mixes_samples"]

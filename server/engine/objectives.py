@@ -65,6 +65,24 @@ class Objective:
     ignore_index: int = IGNORE_INDEX
     shift: bool = False
     """cross_entropy: the shifted next-token loss (labels are the input ids)."""
+    trim: tuple[tuple[int, int, int], ...] = ()
+    """For a merged part padded to a longer sequence (engine/batching.py): (dimension, first
+    position, length) of the part's own positions in each sequence dimension of the site."""
+
+
+def trimmed(site: torch.Tensor, trim: tuple[tuple[int, int, int], ...]) -> torch.Tensor:
+    """The site's value at a padded part's own positions."""
+    for dim, start, length in trim:
+        site = site.narrow(dim, start, length)
+    return site
+
+
+def trimmed_shape(shape: Shape, trim: tuple[tuple[int, int, int], ...]) -> Shape:
+    """The shape of `trimmed` for a site of this shape."""
+    sizes = list(shape)
+    for dim, _, length in trim:
+        sizes[dim] = length
+    return tuple(sizes)
 
 
 def _error(message: str, reason: str, field: str) -> InvalidArgument:

@@ -19,6 +19,7 @@ from ..engine.analysis import Analysis, Engine
 from ..errors import InvalidArgument, ModelLoadError
 from ..models.archive import OPTIONS_FILE, read_archive
 from ..models.model import Model, dtype_name, prepare, shape_text
+from ..models.padding import padding_of
 from .huggingface import hf_source
 from .source import ExportError, ExportOptions, Source
 from .vision import factory_source, timm_source, torchvision_source
@@ -96,7 +97,7 @@ def export(source: str, options: ExportOptions | None = None) -> Exported:
     program = _exported(built)
     symbols = _dim_symbols(program, built)
     extra = dict(built.extra_files)
-    extra[OPTIONS_FILE] = json.dumps({"dims": symbols})
+    extra[OPTIONS_FILE] = json.dumps({"dims": symbols, **built.options})
     buffer = io.BytesIO()
     torch.export.save(program, buffer, extra_files=extra)
     data = buffer.getvalue()
@@ -111,6 +112,7 @@ def export(source: str, options: ExportOptions | None = None) -> Exported:
             dims=archive.options.get("dims"),
             renamed=archive.renamed,
         )
+        model.padding = padding_of(model, archive.options)
     except ModelLoadError as e:
         raise ExportError(f"gradtap's loader refuses the exported archive: {e}") from e
     progress(f"comparing what it serves with the module, on {1 + len(built.checks)} inputs")

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..models.padding import Padding
 from .source import ExportError, ExportOptions, Source, clamp
 
 TOKENIZER_FILES = (
@@ -208,6 +209,7 @@ def hf_source(text: str, options: ExportOptions) -> Source:
             if not _accepts(model, "position_ids"):
                 raise ExportError(f"{kind} takes no position_ids: cannot follow the mask")
             module = _with_position_ids(model, fixed)
+            padding = Padding("attention_mask", "left", _pad_token_id(config))
             source = Source(
                 module=module,
                 inputs=text_inputs(rows, EXAMPLE_LENGTH),
@@ -215,6 +217,7 @@ def hf_source(text: str, options: ExportOptions) -> Source:
                 checks=[text_inputs(check_rows, CHECK_LENGTH)],
                 description=f"{kind} (causal language model, position ids from the mask)",
                 padded_check=True,
+                options={"padding": padding.as_options()},
             )
         else:
             what = "encoder-decoder" if encoder_decoder else "text encoder"
@@ -225,6 +228,9 @@ def hf_source(text: str, options: ExportOptions) -> Source:
                 checks=[{**text_inputs(check_rows, CHECK_LENGTH), **fixed}],
                 description=f"{kind} ({what})",
             )
+            if not encoder_decoder:  # position ids count from the first position: pad right
+                padding = Padding("attention_mask", "right", _pad_token_id(config))
+                source.options = {"padding": padding.as_options()}
     else:
         raise ExportError(
             f"{kind} takes {main!r} first: gradtap export knows text (input_ids), "
@@ -232,6 +238,19 @@ def hf_source(text: str, options: ExportOptions) -> Source:
         )
     source.extra_files = extra
     return source
+
+
+def _pad_token_id(config: Any) -> int:
+    """The config's padding token (its end-of-text token where it has none, as GPT-2), else
+    0: padded positions are masked out, so any id in the vocabulary gives the same results."""
+    vocab = int(getattr(config, "vocab_size", 0) or 0)
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(config, name, None)
+        if isinstance(value, list):
+            value = value[0] if value else None
+        if isinstance(value, int) and 0 <= value < vocab:
+            return value
+    return 0
 
 
 def _image_shape(config: Any) -> tuple[int, ...]:

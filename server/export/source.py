@@ -66,3 +66,6 @@ class Source:
     description: str = ""
     padded_check: bool = False
     """A causal language model: also check that a left-padded row gives what it gives alone."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """gradtap options the archive carries besides the dimension names (a padding
+    declaration: server/models/padding.py)."""

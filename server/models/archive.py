@@ -23,6 +23,7 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 
 from ..errors import ModelLoadError
+from .padding import declared_padding
 from .structures import Renamed, plain_structures
 
 _SYMPY_WORDS = frozenset(
@@ -295,7 +296,8 @@ OPTIONS_FILE = "gradtap.json"
 
 Known keys: {"batching": false} opts the model out of dynamic batching; {"dims": {"s77":
 "batch", "s53": "sequence"}} names the dynamic dimensions by their symbol (gradtap export
-writes it)."""
+writes it); {"padding": {"mask": "attention_mask", "side": "left", "pad_token_id": 0}}
+declares how rows of different lengths are padded (server/models/padding.py)."""
 
 _DIM_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,63}")
 
@@ -313,8 +315,8 @@ def archive_options(data: bytes) -> dict[str, Any]:
         options = json.loads(archive.read(names[0]))
     except ValueError as e:
         raise ModelLoadError(f"extra/{OPTIONS_FILE} is not valid JSON") from e
-    if not isinstance(options, dict) or not set(options) <= {"batching", "dims"}:
-        raise ModelLoadError(f"extra/{OPTIONS_FILE} may only set: batching, dims")
+    if not isinstance(options, dict) or not set(options) <= {"batching", "dims", "padding"}:
+        raise ModelLoadError(f"extra/{OPTIONS_FILE} may only set: batching, dims, padding")
     if not isinstance(options.get("batching", True), bool):
         raise ModelLoadError(f"extra/{OPTIONS_FILE}: batching must be true or false")
     dims = options.get("dims", {})
@@ -328,6 +330,7 @@ def archive_options(data: bytes) -> dict[str, Any]:
         raise ModelLoadError(
             f"extra/{OPTIONS_FILE}: dims must map symbols (s77) to names (batch, sequence)"
         )
+    declared_padding(options, f"extra/{OPTIONS_FILE}")
     return options
 
 

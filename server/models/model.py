@@ -22,6 +22,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 
 from ..errors import InvalidArgument, ModelLoadError
 from . import naming, rewrite
+from .padding import Padding
 from .structures import Renamed
 
 
@@ -103,6 +104,8 @@ class Model:
     """Nodes whose value depends on a floating-point user input (so carry its gradient)."""
     batchable: bool = True
     """False when the model opted out of dynamic batching (see engine/batching.py)."""
+    padding: Padding | None = None
+    """How rows of different lengths may share a batch (server/models/padding.py)."""
     version: str = "1"
     """Which version of the model this is (see registry.py)."""
     key: int = field(default_factory=itertools.count(1).__next__)

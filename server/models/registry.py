@@ -30,6 +30,7 @@ from torch.export import ExportedProgram
 from ..errors import FailedPrecondition, ModelLoadError, NotFound
 from .archive import read_archive
 from .model import Model, prepare
+from .padding import padding_of
 from .versions import (
     DEFAULT_VERSION,
     VERSION,
@@ -379,6 +380,7 @@ class Registry:
                 renamed=archive.renamed,
             )
             model.batchable = bool(options.get("batching", True))
+            model.padding = padding_of(model, options)
             for renamed in archive.renamed:
                 log.info("model %s version %s: %s", name, version, renamed)
             return model

@@ -262,8 +262,14 @@ def test_merged_passes_stay_within_the_models_batch_range() -> None:
     )
     model = Registry(torch.device("cpu")).add("small", "test", program)
     passes: list[int] = []
+    # Every request waits for companions (always_wait) until a pass is full: 24 requests of
+    # 2 rows make 12 passes of 4 rows, whatever the timing. The timeout only bounds a failure.
     batcher = Batcher(
-        Engine(torch.device("cpu")), max_batch_size=16, timeout_us=100_000, observe=passes.append
+        Engine(torch.device("cpu")),
+        max_batch_size=16,
+        timeout_us=30_000_000,
+        observe=passes.append,
+        always_wait=True,
     )
     x = torch.randn(2, 3, generator=torch.Generator().manual_seed(1))
     request = Analysis([x], [Target("linear", activation=True)], EngineObjective("sum"))
@@ -285,4 +291,4 @@ def test_merged_passes_stay_within_the_models_batch_range() -> None:
     for tensors in results:
         for got, want in zip(tensors, [c.tensor for c in alone.tensors] * 3):
             torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL)
-    assert 4 in passes and max(passes) <= 4  # merged, and never past the range
+    assert passes == [4] * 12  # merged, and never past the range
