@@ -132,6 +132,7 @@ def description(r: pb.DescribeModelResponse) -> ModelDescription:
         default_version=r.model.default_version,
         versions=tuple(model_version(v) for v in r.model.versions),
         calls={m.path: list(m.calls) for m in r.modules if m.calls},
+        has_tokenizer=r.has_tokenizer,
     )
 
 
@@ -172,6 +173,7 @@ class AnalysisAssembler:
         self._targets = targets
         self._frames = Frames(region)
         self._summary: pb.AnalyzeSummary | None = None
+        self._tokens: list[pb.TokenRow] = []
 
     def feed(self, message: pb.AnalyzeResponse | RawChunk) -> None:
         if isinstance(message, RawChunk):
@@ -180,6 +182,8 @@ class AnalysisAssembler:
         header = message.header if message.HasField("header") else None
         if header is None and self._frames.headers is None:
             raise broken("the stream did not start with a header")
+        if header is not None:
+            self._tokens = list(header.tokens)
         self._frames.feed(header, message.chunks)
         if message.HasField("summary"):
             self._frames.finish(message.summary.tensor_count)
@@ -231,6 +235,12 @@ class AnalysisAssembler:
             if h.HasField("reduction") and h.role != pb.TENSOR_ROLE_TOPK_INDICES:
                 result.reductions[h.name] = _reduction(h)
         result.outputs = [outputs[i] for i in sorted(outputs)]
+        if self._tokens:
+            result.tokens = [list(row.tokens) for row in self._tokens]
+            result.token_ids = np.array([list(row.ids) for row in self._tokens], np.int64)
+            result.attention_mask = np.array(
+                [list(row.attention_mask) for row in self._tokens], np.int64
+            )
         return _as_float32(result, self._targets)
 
     def tensors(self) -> list[tuple[pb.TensorHeader, np.ndarray]]:
@@ -301,11 +311,18 @@ class TokenAttributionAssembler(_OneTensor):
     """Feeds AttributeTokens stream messages in order; `result()` is the complete result."""
 
     def __init__(
-        self, about: dict[str, Any], prompt: np.ndarray, continuation: np.ndarray | None
+        self,
+        about: dict[str, Any],
+        prompt: np.ndarray | None,
+        continuation: np.ndarray | None,
+        continuation_text: bool = False,
     ) -> None:
+        """`prompt` is None for a prompt sent as text; `continuation_text` says the
+        continuation was sent as text: the summary then holds their ids."""
         super().__init__()
         self._about = about
         self._tokens = (prompt, continuation)
+        self._continuation_text = continuation_text
         self._summary: pb.AttributeTokensSummary | None = None
 
     def feed(self, message: pb.AttributeTokensResponse) -> None:
@@ -316,11 +333,18 @@ class TokenAttributionAssembler(_OneTensor):
         scores = self._tensor(self._summary)
         s = self._summary
         assert s is not None
+        prompt, continuation = self._tokens
+        if prompt is None:  # sent as text: the ids the server made
+            prompt = np.array(s.prompt_ids, np.int64)
+        if self._continuation_text:
+            continuation = np.array(s.continuation_ids, np.int64)
         return TokenAttributionResult(
             scores=scores,
             values=list(s.values),
-            prompt=self._tokens[0],
-            continuation=self._tokens[1],
+            prompt=prompt,
+            continuation=continuation,
+            prompt_tokens=list(s.prompt_tokens),
+            continuation_tokens=list(s.continuation_tokens),
             metadata={
                 **self._about,
                 "node": s.node,

@@ -45,6 +45,7 @@ from ._request import (
     many_requests,
     model_ref,
     objective_or_none,
+    text_rows,
 )
 from ._result import AttributionResult, ModelDescription, ModelInfo, PerturbResult, Result
 from ._shm import SharedRegion
@@ -130,7 +131,7 @@ def health(service: str = "", *, timeout: float | None = None) -> Call[str]:
 @legacy.accepts(legacy.renamed("analyze", input_grad="input_grads"))
 def analyze(
     model: str,
-    inputs: Inputs,
+    inputs: Inputs | None = None,
     targets: Targets = (),
     objective: Objective | None = None,
     *,
@@ -142,13 +143,16 @@ def analyze(
     digest: str | None = None,
     precision: str = "full",
     shared_memory: bool | SharedRegion = False,
+    text: str | None = None,
+    texts: Sequence[str] | None = None,
     timeout: float | None = None,
 ) -> Call[Result]:
     """Runs one forward and backward pass on the server.
 
     Args:
         model: the model's name.
-        inputs: one array, or a list of arrays for a model with several inputs.
+        inputs: one array, or a list of arrays for a model with several inputs; None
+            when sending text.
         targets: the nodes whose gradients (and activations) to return: a graph-node name
             or module path, a Target(name, reduce=..., dims=..., topk=..., dtype=...) to
             have them reduced on the server first, or a list of them; results are keyed by
@@ -170,6 +174,10 @@ def analyze(
             --shared-memory: True to have the result written into a shared-memory
             region made for this call, or a SharedRegion to reuse (fastest; the arrays
             are then views of it, valid until its next use). See docs/shared-memory.md.
+        text: instead of inputs, for a model whose archive carries its tokenizer
+            (describe().has_tokenizer): one row of text, tokenized by the server.
+            Result.tokens names the tokens it made.
+        texts: several rows of text, padded by the server as the archive declares.
         timeout: deadline in seconds for this call.
 
     Returns:
@@ -182,9 +190,10 @@ def analyze(
     if not isinstance(shared_memory, (bool, SharedRegion)):
         raise TypeError("shared_memory must be True, False or a SharedRegion")
     wanted = as_targets(targets)
+    rows = text_rows(inputs, text, texts)
     message = analyze_request(
         model,
-        inputs,
+        inputs if rows is None else [],
         wanted,
         objective,
         input_grads=input_grads,
@@ -195,6 +204,7 @@ def analyze(
         precision=precision,
         version=version,
     )
+    message.texts.extend(rows or [])
     return Call(
         ANALYZE,
         message,

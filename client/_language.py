@@ -84,8 +84,10 @@ def attribute_tokens(
     Args:
         model: the model's name; its token-id input gets prompt + continuation, an input
             named attention_mask gets ones, token_type_ids zeros, position_ids 0 ... L-1.
-        prompt: token ids, shape (P,) (or a tokenizer's (1, P)).
-        continuation: token ids, shape (K,), at most 512; None to attribute `objective`.
+        prompt: token ids, shape (P,) (or a tokenizer's (1, P)); or a str, text the server
+            tokenizes with its tokenizer's special tokens (describe().has_tokenizer).
+        continuation: token ids, shape (K,), at most 512; None to attribute `objective`;
+            or a str, text the server tokenizes without special tokens.
         method: "saliency" (the gradient), "input_x_gradient" or "integrated_gradients".
         node: where the attribution is taken, a node shaped (N, S, ...); by default the
             token embedding, found in the graph. `layer=` is its deprecated name.
@@ -103,24 +105,34 @@ def attribute_tokens(
     Returns:
         A TokenAttributionResult: `.scores` shaped (continuation tokens, prompt tokens), or
         (1, prompt tokens) for an objective; `.values`, each continuation token's
-        log-probability (or the objective's value); `.prompt`, `.continuation` and
-        `.metadata`.
+        log-probability (or the objective's value); `.prompt`, `.continuation` (ids),
+        `.prompt_tokens`, `.continuation_tokens` (strings, for text) and `.metadata`.
 
     Raises:
         GradtapError: INVALID_ARGUMENT naming the field (continuation, n_steps, node, ...),
             NOT_FOUND, UNAVAILABLE, ...
         TypeError, ValueError: an argument the client cannot send; nothing was sent.
     """
-    prompt_ids = _token_ids(prompt, "prompt")
     message = pb.AttributeTokensRequest(
         model=model_ref(model, digest),
-        prompt=encode(prompt_ids),
         method=choice(TOKEN_METHODS, method, "method"),
         node=node or "",
         aggregate=choice(AGGREGATES, aggregate, "aggregate"),
     )
+    prompt_ids = None
+    if isinstance(prompt, str):
+        if not prompt:
+            raise ValueError("prompt text is empty")
+        message.prompt_text = prompt
+    else:
+        prompt_ids = _token_ids(prompt, "prompt")
+        message.prompt.CopyFrom(encode(prompt_ids))
     continuation_ids = None
-    if continuation is not None:
+    if isinstance(continuation, str):
+        if not continuation:
+            raise ValueError("continuation text is empty")
+        message.continuation_text = continuation
+    elif continuation is not None:
         continuation_ids = _token_ids(continuation, "continuation")
         message.continuation.CopyFrom(encode(continuation_ids))
     if objective_or_none(objective) is not None:
@@ -140,7 +152,9 @@ def attribute_tokens(
     return Call(
         ATTRIBUTE_TOKENS,
         message,
-        lambda _: TokenAttributionAssembler(about, prompt_ids, continuation_ids),
+        lambda _: TokenAttributionAssembler(
+            about, prompt_ids, continuation_ids, continuation_text=isinstance(continuation, str)
+        ),
         timeout,
         resend=True,
     )

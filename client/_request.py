@@ -211,3 +211,19 @@ def float_like(inputs: Sequence[np.ndarray], value: Any) -> np.ndarray:
     """`value` as an array in the dtype of the floating-point input (float32 without one)."""
     floating = [a for a in inputs if np.issubdtype(a.dtype, np.floating)]
     return np.asarray(value).astype(floating[0].dtype if floating else np.float32, copy=False)
+
+
+def text_rows(inputs: Any, text: str | None, texts: Sequence[str] | None) -> list[str] | None:
+    """The rows of text an analyze call sends (text= or texts=); None when it sends inputs."""
+    if text is None and texts is None:
+        if inputs is None:
+            raise TypeError("analyze needs inputs, or text= (texts=) for a model with a tokenizer")
+        return None
+    if inputs is not None:
+        raise TypeError("give inputs or text (texts), not both")
+    if text is not None and texts is not None:
+        raise TypeError("give text or texts, not both")
+    rows = [text] if text is not None else list(texts or [])
+    if isinstance(texts, str) or not rows or not all(isinstance(r, str) for r in rows):
+        raise TypeError("text must be a string, texts a non-empty list of strings")
+    return rows

@@ -35,6 +35,11 @@ class Result:
         reductions: target name -> what the server reduced, for targets with a reduction.
         patching: target name -> attribution patching's (activation at corrupt - activation)
             x gradient, after its reduction (attribution_patching).
+        tokens: for a call sending text, each row's token strings as the server's tokenizer
+            made them, padding included ("" at padding); empty otherwise.
+        token_ids: for a call sending text, the (rows, length) token ids the server made.
+        attention_mask: for a call sending text, the (rows, length) mask: 1 for the text's
+            tokens, 0 for padding.
     """
 
     gradients: dict[str, np.ndarray] = field(default_factory=dict)
@@ -47,6 +52,9 @@ class Result:
     topk_indices: dict[str, np.ndarray] = field(default_factory=dict)
     reductions: dict[str, Reduction] = field(default_factory=dict)
     patching: dict[str, np.ndarray] = field(default_factory=dict)
+    tokens: list[list[str]] = field(default_factory=list)
+    token_ids: np.ndarray | None = None
+    attention_mask: np.ndarray | None = None
 
     def plot(
         self,
@@ -163,8 +171,12 @@ class TokenAttributionResult:
             of continuation token k to each prompt token; (1, prompt tokens) for an objective.
         values: each continuation token's log-probability given the tokens before it, or
             the objective's value.
-        prompt: the prompt's token ids, as sent.
-        continuation: the continuation's token ids, as sent (None for an objective).
+        prompt: the prompt's token ids, as sent (or as the server tokenized prompt text).
+        continuation: the continuation's token ids, as sent or tokenized (None for an
+            objective).
+        prompt_tokens: the prompt's token strings, for a prompt sent as text; else empty.
+        continuation_tokens: the continuation's token strings, for a continuation sent as
+            text; else empty.
         metadata: model, method, aggregate, node (the graph node attributed to),
             model_digest, device, torch_version, captum_version, replica, passes (forward
             and backward passes run), internal_batch_size (rows per pass) and timings
@@ -176,6 +188,8 @@ class TokenAttributionResult:
     prompt: np.ndarray
     continuation: np.ndarray | None
     metadata: dict[str, Any] = field(default_factory=dict)
+    prompt_tokens: list[str] = field(default_factory=list)
+    continuation_tokens: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -314,3 +328,5 @@ class ModelDescription:
     calls: dict[str, list[str]] = field(default_factory=dict)
     """For modules called several times: module path -> the node of each call; "PATH#K"
     names call K (from 1)."""
+    has_tokenizer: bool = False
+    """The archive carries its tokenizer: calls may send text instead of token ids."""

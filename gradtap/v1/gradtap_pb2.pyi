@@ -1361,6 +1361,11 @@ class DescribeModelResponse(_message.Message):
     MODULES_FIELD_NUMBER: _builtins.int
     PARAMETERS_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    HAS_TOKENIZER_FIELD_NUMBER: _builtins.int
+    has_tokenizer: _builtins.bool
+    """The archive carries its tokenizer (a tokenizer.json in its extra files): requests may
+    send text (AnalyzeRequest.texts, AttributeTokensRequest.prompt_text) instead of ids.
+    """
     @_builtins.property
     def model(self) -> Global___ModelSummary:
         """The model's name and digest."""
@@ -1399,10 +1404,11 @@ class DescribeModelResponse(_message.Message):
         modules: _abc.Iterable[Global___ModuleOutput] | None = ...,
         parameters: _abc.Iterable[_builtins.str] | None = ...,
         version: Global___ModelVersionInfo | None = ...,
+        has_tokenizer: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "version", b"version"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "model", b"model", "modules", b"modules", "nodes", b"nodes", "outputs", b"outputs", "parameters", b"parameters", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["has_tokenizer", b"has_tokenizer", "inputs", b"inputs", "model", b"model", "modules", b"modules", "nodes", b"nodes", "outputs", b"outputs", "parameters", b"parameters", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1424,6 +1430,7 @@ class AnalyzeRequest(_message.Message):
     PRECISION_FIELD_NUMBER: _builtins.int
     SHARED_MEMORY_FIELD_NUMBER: _builtins.int
     CORRUPT_INPUTS_FIELD_NUMBER: _builtins.int
+    TEXTS_FIELD_NUMBER: _builtins.int
     input_grads: _builtins.bool
     """Also return the gradient with respect to every floating-point input (the input grads)."""
     outputs: _builtins.bool
@@ -1467,6 +1474,15 @@ class AnalyzeRequest(_message.Message):
         the gradient at inputs. Two forward passes and one backward pass, however many targets.
         """
 
+    @_builtins.property
+    def texts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Text instead of inputs, one string per row, for a model whose archive carries its
+        tokenizer (DescribeModelResponse.has_tokenizer). The server tokenizes the rows, pads them
+        to the longest as the archive declares (left for causal language models) and fills the
+        inputs: input_ids, attention_mask, token_type_ids, position_ids. The header's tokens
+        say what it made. Give inputs or texts, not both.
+        """
+
     def __init__(
         self,
         *,
@@ -1480,10 +1496,11 @@ class AnalyzeRequest(_message.Message):
         precision: Global___Precision.ValueType = ...,
         shared_memory: Global___SharedMemoryRegion | None = ...,
         corrupt_inputs: _abc.Iterable[Global___Tensor] | None = ...,
+        texts: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "objective", b"objective", "shared_memory", b"shared_memory"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["corrupt_inputs", b"corrupt_inputs", "input_grads", b"input_grads", "inputs", b"inputs", "model", b"model", "objective", b"objective", "outputs", b"outputs", "param_grads", b"param_grads", "precision", b"precision", "shared_memory", b"shared_memory", "targets", b"targets"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["corrupt_inputs", b"corrupt_inputs", "input_grads", b"input_grads", "inputs", b"inputs", "model", b"model", "objective", b"objective", "outputs", b"outputs", "param_grads", b"param_grads", "precision", b"precision", "shared_memory", b"shared_memory", "targets", b"targets", "texts", b"texts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1604,6 +1621,7 @@ class AnalyzeHeader(_message.Message):
     TENSORS_FIELD_NUMBER: _builtins.int
     TOTAL_BYTES_FIELD_NUMBER: _builtins.int
     SHARED_MEMORY_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
     total_bytes: _builtins.int
     """Sum of the tensors' byte sizes."""
     shared_memory: _builtins.bool
@@ -1614,20 +1632,61 @@ class AnalyzeHeader(_message.Message):
     def tensors(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorHeader]:
         """The tensors, in the order their chunks will arrive."""
 
+    @_builtins.property
+    def tokens(self) -> _containers.RepeatedCompositeFieldContainer[Global___TokenRow]:
+        """For a request sending texts: the tokens the server made of each row, in row order."""
+
     def __init__(
         self,
         *,
         tensors: _abc.Iterable[Global___TensorHeader] | None = ...,
         total_bytes: _builtins.int = ...,
         shared_memory: _builtins.bool = ...,
+        tokens: _abc.Iterable[Global___TokenRow] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["shared_memory", b"shared_memory", "tensors", b"tensors", "total_bytes", b"total_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["shared_memory", b"shared_memory", "tensors", b"tensors", "tokens", b"tokens", "total_bytes", b"total_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AnalyzeHeader: _TypeAlias = AnalyzeHeader  # noqa: Y015
+
+@_typing.final
+class TokenRow(_message.Message):
+    """One row of text as the server's tokenizer made it, padding included."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKENS_FIELD_NUMBER: _builtins.int
+    IDS_FIELD_NUMBER: _builtins.int
+    ATTENTION_MASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def tokens(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Each position's token string; "" at padding."""
+
+    @_builtins.property
+    def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Each position's token id (the padding token's at padding)."""
+
+    @_builtins.property
+    def attention_mask(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Each position's attention mask: 1 for the text's tokens, 0 for padding."""
+
+    def __init__(
+        self,
+        *,
+        tokens: _abc.Iterable[_builtins.str] | None = ...,
+        ids: _abc.Iterable[_builtins.int] | None = ...,
+        attention_mask: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attention_mask", b"attention_mask", "ids", b"ids", "tokens", b"tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TokenRow: _TypeAlias = TokenRow  # noqa: Y015
 
 @_typing.final
 class TensorChunk(_message.Message):
@@ -2497,6 +2556,8 @@ class AttributeTokensRequest(_message.Message):
     BASELINE_TOKEN_FIELD_NUMBER: _builtins.int
     OBJECTIVE_FIELD_NUMBER: _builtins.int
     INTERNAL_BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    PROMPT_TEXT_FIELD_NUMBER: _builtins.int
+    CONTINUATION_TEXT_FIELD_NUMBER: _builtins.int
     method: Global___AttributionMethod.ValueType
     """ATTRIBUTION_METHOD_SALIENCY (the gradient, Captum's LayerGradientXActivation without
     multiplying), ATTRIBUTION_METHOD_INPUT_X_GRADIENT or
@@ -2520,6 +2581,14 @@ class AttributeTokensRequest(_message.Message):
     """
     internal_batch_size: _builtins.int
     """Rows per forward pass; unset lets the server choose from the model's activation size."""
+    prompt_text: _builtins.str
+    """The prompt as text, instead of prompt, for a model whose archive carries its tokenizer
+    (DescribeModelResponse.has_tokenizer); tokenized with the tokenizer's special tokens.
+    """
+    continuation_text: _builtins.str
+    """The continuation as text, instead of continuation; tokenized without special tokens,
+    so that it continues the prompt.
+    """
     @_builtins.property
     def model(self) -> Global___Model:
         """The model to run."""
@@ -2552,10 +2621,12 @@ class AttributeTokensRequest(_message.Message):
         baseline_token: _builtins.int | None = ...,
         objective: Global___Objective | None = ...,
         internal_batch_size: _builtins.int | None = ...,
+        prompt_text: _builtins.str = ...,
+        continuation_text: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_baseline_token", b"_baseline_token", "_internal_batch_size", b"_internal_batch_size", "_n_steps", b"_n_steps", "baseline_token", b"baseline_token", "continuation", b"continuation", "internal_batch_size", b"internal_batch_size", "model", b"model", "n_steps", b"n_steps", "objective", b"objective", "prompt", b"prompt"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_baseline_token", b"_baseline_token", "_internal_batch_size", b"_internal_batch_size", "_n_steps", b"_n_steps", "aggregate", b"aggregate", "baseline_token", b"baseline_token", "continuation", b"continuation", "integration_method", b"integration_method", "internal_batch_size", b"internal_batch_size", "method", b"method", "model", b"model", "n_steps", b"n_steps", "node", b"node", "objective", b"objective", "prompt", b"prompt"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_baseline_token", b"_baseline_token", "_internal_batch_size", b"_internal_batch_size", "_n_steps", b"_n_steps", "aggregate", b"aggregate", "baseline_token", b"baseline_token", "continuation", b"continuation", "continuation_text", b"continuation_text", "integration_method", b"integration_method", "internal_batch_size", b"internal_batch_size", "method", b"method", "model", b"model", "n_steps", b"n_steps", "node", b"node", "objective", b"objective", "prompt", b"prompt", "prompt_text", b"prompt_text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__baseline_token: _TypeAlias = _typing.Literal["baseline_token"]  # noqa: Y015
     _WhichOneofArgType__baseline_token: _TypeAlias = _typing.Literal["_baseline_token", b"_baseline_token"]  # noqa: Y015
@@ -2591,6 +2662,10 @@ class AttributeTokensSummary(_message.Message):
     COMPUTE_MS_FIELD_NUMBER: _builtins.int
     TOTAL_MS_FIELD_NUMBER: _builtins.int
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    CONTINUATION_TOKENS_FIELD_NUMBER: _builtins.int
+    PROMPT_IDS_FIELD_NUMBER: _builtins.int
+    CONTINUATION_IDS_FIELD_NUMBER: _builtins.int
     model_digest: _builtins.str
     """The digest of the model that ran: "sha256:<hex>"."""
     device: _builtins.str
@@ -2621,6 +2696,22 @@ class AttributeTokensSummary(_message.Message):
         it. Without: the objective's value.
         """
 
+    @_builtins.property
+    def prompt_tokens(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The prompt's token strings (for a prompt sent as text; empty otherwise)."""
+
+    @_builtins.property
+    def continuation_tokens(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The continuation's token strings (for a continuation sent as text)."""
+
+    @_builtins.property
+    def prompt_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The prompt's token ids, for a prompt sent as text."""
+
+    @_builtins.property
+    def continuation_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The continuation's token ids, for a continuation sent as text."""
+
     def __init__(
         self,
         *,
@@ -2637,10 +2728,14 @@ class AttributeTokensSummary(_message.Message):
         compute_ms: _builtins.float = ...,
         total_ms: _builtins.float = ...,
         model_version: _builtins.str = ...,
+        prompt_tokens: _abc.Iterable[_builtins.str] | None = ...,
+        continuation_tokens: _abc.Iterable[_builtins.str] | None = ...,
+        prompt_ids: _abc.Iterable[_builtins.int] | None = ...,
+        continuation_ids: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["captum_version", b"captum_version", "compute_ms", b"compute_ms", "device", b"device", "internal_batch_size", b"internal_batch_size", "model_digest", b"model_digest", "model_version", b"model_version", "node", b"node", "passes", b"passes", "replica", b"replica", "tensor_count", b"tensor_count", "torch_version", b"torch_version", "total_ms", b"total_ms", "values", b"values"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["captum_version", b"captum_version", "compute_ms", b"compute_ms", "continuation_ids", b"continuation_ids", "continuation_tokens", b"continuation_tokens", "device", b"device", "internal_batch_size", b"internal_batch_size", "model_digest", b"model_digest", "model_version", b"model_version", "node", b"node", "passes", b"passes", "prompt_ids", b"prompt_ids", "prompt_tokens", b"prompt_tokens", "replica", b"replica", "tensor_count", b"tensor_count", "torch_version", b"torch_version", "total_ms", b"total_ms", "values", b"values"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

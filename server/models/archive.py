@@ -342,12 +342,15 @@ class Archive:
     options: dict[str, Any] = field(default_factory=dict)
     renamed: list[Renamed] = field(default_factory=list)
     """The archive's own output (and input) classes, served as dicts of their fields."""
+    tokenizer_json: str | None = None
+    """The text of the tokenizer.json the archive carries in its extra files, if any."""
 
 
 def read_archive(data: bytes) -> Archive:
     """Loads a torch.export archive's bytes without unpickling, importing or evaluating
     anything in it."""
     options = archive_options(data)
+    tokenizer_json = _extra_text(data, "tokenizer.json")
     sanitized, renamed = _sanitized_archive(data)
     with _TorchLoadErrors() as errors:
         try:
@@ -357,7 +360,19 @@ def read_archive(data: bytes) -> Archive:
         except Exception as e:  # torch's own errors on malformed archives
             raise ModelLoadError(f"torch could not read the archive: {errors.cause(e)}") from e
     _check_graph(program)
-    return Archive(program, options, renamed)
+    return Archive(program, options, renamed, tokenizer_json)
+
+
+def _extra_text(data: bytes, name: str) -> str | None:
+    """The text of one of the archive's extra files (data, never run), if it has it."""
+    archive = zipfile.ZipFile(io.BytesIO(data))
+    found = [n for n in archive.namelist() if n.endswith(f"/extra/{name}")]
+    if not found:
+        return None
+    try:
+        return archive.read(found[0]).decode()
+    except UnicodeDecodeError as e:
+        raise ModelLoadError(f"extra/{name} is not UTF-8 text") from e
 
 
 def load_archive(data: bytes) -> ExportedProgram:

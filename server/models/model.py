@@ -106,6 +106,8 @@ class Model:
     """False when the model opted out of dynamic batching (see engine/batching.py)."""
     padding: Padding | None = None
     """How rows of different lengths may share a batch (server/models/padding.py)."""
+    tokenizer: Any = None
+    """The archive's tokenizer (a tokenizers.Tokenizer), if it carries one (models/text.py)."""
     version: str = "1"
     """Which version of the model this is (see registry.py)."""
     key: int = field(default_factory=itertools.count(1).__next__)

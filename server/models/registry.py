@@ -31,6 +31,7 @@ from ..errors import FailedPrecondition, ModelLoadError, NotFound
 from .archive import read_archive
 from .model import Model, prepare
 from .padding import padding_of
+from .text import read_tokenizer
 from .versions import (
     DEFAULT_VERSION,
     VERSION,
@@ -381,6 +382,8 @@ class Registry:
             )
             model.batchable = bool(options.get("batching", True))
             model.padding = padding_of(model, options)
+            if archive.tokenizer_json is not None:
+                model.tokenizer = read_tokenizer(archive.tokenizer_json)
             for renamed in archive.renamed:
                 log.info("model %s version %s: %s", name, version, renamed)
             return model

@@ -88,9 +88,9 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
                 self._releaser.free_after_call(context, outcome)
                 summary = responses.analyze_summary(outcome, model, self.replica, started, decoded)
                 if region is not None:
-                    yield responses.written(outcome, region, summary)
+                    yield responses.written(outcome, region, summary, call.tokenized)
                     return
-            yield from responses.analyze_stream(outcome, summary)
+            yield from responses.analyze_stream(outcome, summary, call.tokenized)
 
     @status_mapped
     def AnalyzeMany(
@@ -169,9 +169,10 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
     ) -> Iterator[Any]:  # messages, or pre-encoded chunk messages (bytes)
         started = time.perf_counter()
         with requests.model(self.registry, request.model) as model:
-            attribution = tokens.attribution(request, model, self.limits)
+            given = tokens.texts(request, model)
+            attribution = tokens.attribution(request, model, self.limits, given)
             with deadline.time_limit(context) as should_stop:
                 outcome = self.engine.compute.run(
                     self._tokens.attribute, model, attribution, should_stop
                 )
-            yield from tokens.stream(outcome, model, self.replica, started)
+            yield from tokens.stream(outcome, model, self.replica, started, given)

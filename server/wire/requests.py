@@ -31,8 +31,9 @@ from ..engine.reduce import Reduction
 from ..errors import InvalidArgument, RequestError
 from ..models.model import Model
 from ..models.registry import Registry
+from ..models.text import Tokenized, text_inputs
 from ..models.versions import MODEL_NAME, VERSION, valid_version
-from . import names, shm
+from . import names, shm, text
 from .tensors import copied, declared
 
 
@@ -94,6 +95,8 @@ class AnalyzeCall:
     analysis: Analysis
     region: shm.RegionRequest | None = None
     """The caller's shared-memory region, checked and big enough; None streams the result."""
+    tokenized: Tokenized | None = None
+    """For a request sending texts: the tokens the server made of them."""
 
 
 def analyze(
@@ -111,7 +114,7 @@ def analyze(
     region = None
     if peer is not None and request.HasField("shared_memory"):
         region = _region(request.shared_memory, checked.sizes, limits, peer())
-    return AnalyzeCall(checked.decoded(), region)
+    return AnalyzeCall(checked.decoded(), region, checked.tokenized)
 
 
 def many_options(first: pb.AnalyzeManyRequest) -> pb.AnalyzeManyOptions:
@@ -171,6 +174,8 @@ class _Checked:
     """The analysis with its tensors on the meta device: dtypes and shapes, no bytes."""
     sizes: list[int]
     """The estimated bytes of each tensor of the result."""
+    tokenized: Tokenized | None = None
+    """For a request sending texts: its rows tokenized (the inputs are then real tensors)."""
 
     @classmethod
     def of(cls, request: pb.AnalyzeRequest, served: Model, limits: Limits) -> _Checked:
@@ -178,6 +183,9 @@ class _Checked:
             declared(t, f"inputs[{i}]", limits.max_tensor_elements)
             for i, t in enumerate(request.inputs)
         ]
+        tokenized = text.texts(request, served)
+        if tokenized is not None:
+            inputs = text_inputs(served, tokenized, "texts")
         targets = [_target(t, i) for i, t in enumerate(request.targets)]
         corrupt = _corrupt_inputs(request, inputs, targets, limits)
         objective = (
@@ -203,14 +211,16 @@ class _Checked:
         )
         served.check_inputs(inputs)
         sizes = budget.check(served, analysis, limits.max_result_bytes)
-        return cls(request, analysis, sizes)
+        return cls(request, analysis, sizes, tokenized)
 
     def decoded(self) -> Analysis:
         """The analysis with every tensor's bytes copied out of the request."""
         objective = self.analysis.objective
         if objective is not None:
             objective = objective_copied(self.request.objective, objective)
-        inputs = [copied(m, t) for m, t in zip(self.request.inputs, self.analysis.inputs)]
+        inputs = list(self.analysis.inputs)  # texts: tokenized, already real
+        if self.tokenized is None:
+            inputs = [copied(m, t) for m, t in zip(self.request.inputs, inputs)]
         corrupt = [
             copied(m, t) for m, t in zip(self.request.corrupt_inputs, self.analysis.corrupt_inputs)
         ]

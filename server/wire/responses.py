@@ -22,10 +22,12 @@ from ..engine.analysis import Collected, Outcome, Role
 from ..engine.attribution import CAPTUM_VERSION, Attributed
 from ..models.model import Model, Spec
 from ..models.registry import Registry
+from ..models.text import Tokenized
 from ..models.versions import ModelStatus, State, VersionStatus
 from . import shm
 from .frames import frames, header, on_host
 from .names import WIRE_DTYPES
+from .text import token_rows
 
 T = TypeVar("T")
 
@@ -109,6 +111,7 @@ def description(model: Model, status: ModelStatus | None) -> pb.DescribeModelRes
             for path, (mtype, node) in model.modules.items()
         ],
         parameters=[name for name, _, is_param in model.state if is_param],
+        has_tokenizer=model.tokenizer is not None,
     )
 
 
@@ -158,16 +161,24 @@ def analyze_summary(
 
 
 def analyze_stream(
-    outcome: Outcome, summary: pb.AnalyzeSummary
+    outcome: Outcome, summary: pb.AnalyzeSummary, tokenized: Tokenized | None = None
 ) -> Iterator[pb.AnalyzeResponse | bytes]:
-    """The Analyze stream of a result: header, chunks, summary."""
+    """The Analyze stream of a result: header (with the tokens made of a request's texts),
+    chunks, summary."""
     first = pb.AnalyzeResponse(header=header(outcome.tensors))
+    first.header.tokens.extend(token_rows(tokenized))
     return frames(outcome.tensors, first, summary)
 
 
-def written(outcome: Outcome, region: shm.Region, summary: pb.AnalyzeSummary) -> pb.AnalyzeResponse:
+def written(
+    outcome: Outcome,
+    region: shm.Region,
+    summary: pb.AnalyzeSummary,
+    tokenized: Tokenized | None = None,
+) -> pb.AnalyzeResponse:
     """Writes a result's tensors into the caller's region; the one message that says where."""
     result = header(outcome.tensors)
+    result.tokens.extend(token_rows(tokenized))
     offsets = region.write(list(on_host([c.tensor for c in outcome.tensors])))
     result.shared_memory = True
     for tensor, offset in zip(result.tensors, offsets):
