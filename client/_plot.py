@@ -214,3 +214,51 @@ def plot_row(
     if kind is None:
         kind = "channels" if node and array.ndim == 3 else default_kind(np.asarray(array))
     return plot(path, array, image=image, kind=kind, size=size, title=title)
+
+
+def plot_tokens(
+    path: str | os.PathLike[str],
+    scores: np.ndarray,
+    prompt: list[str],
+    continuation: list[str],
+    *,
+    size: tuple[int, int] | None = None,
+    title: str | None = None,
+) -> Path:
+    """The picture of TokenAttributionResult.plot: a heat strip per continuation token
+    (rows) over the prompt tokens (columns), on one symmetric color scale (red positive,
+    blue negative), each cell labelled with its score."""
+    a = np.asarray(scores, dtype=np.float64)
+    if a.ndim != 2 or a.shape[1] != len(prompt) or a.shape[0] != len(continuation):
+        raise ValueError(
+            f"scores of shape {a.shape} need {len(continuation)} rows and {len(prompt)} columns"
+        )
+    if size is None:
+        size = (max(400, 90 * a.shape[1] + 200), max(200, 60 * a.shape[0] + 160))
+    figure = _figure(size)
+    axes = figure.add_subplot()
+    bound = float(np.abs(a).max()) or 1.0
+    shown = axes.imshow(a, cmap="RdBu_r", vmin=-bound, vmax=bound, aspect="auto")
+    axes.set_xticks(np.arange(a.shape[1]), prompt, rotation=45, ha="right", fontsize=9)
+    axes.set_yticks(np.arange(a.shape[0]), continuation, fontsize=9)
+    axes.set_xlabel("prompt token")
+    axes.set_ylabel("continuation token")
+    if a.size <= 400:
+        for (k, p), value in np.ndenumerate(a):
+            strong = abs(value) > 0.6 * bound
+            axes.text(
+                p,
+                k,
+                f"{value:.2g}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if strong else "black",
+            )
+    figure.colorbar(shown, ax=axes)
+    if title:
+        axes.set_title(title)
+    figure.tight_layout()
+    out = Path(path)
+    figure.savefig(out, dpi=DPI, format="png")
+    return out

@@ -191,6 +191,34 @@ class TokenAttributionResult:
     prompt_tokens: list[str] = field(default_factory=list)
     continuation_tokens: list[str] = field(default_factory=list)
 
+    def plot(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        size: tuple[int, int] | None = None,
+        title: str | None = None,
+    ) -> Path:
+        """Writes a PNG heat strip of the scores: one row per continuation token, one column
+        per prompt token, labelled with the token strings (or ids for tokens sent as ids);
+        needs matplotlib (the `plot` extra).
+
+        Args:
+            path: where to write the PNG.
+            size: (width, height) of the PNG in pixels; by default it grows with the tokens.
+            title: a title drawn on the picture.
+
+        Returns:
+            The path written.
+        """
+        prompt = self.prompt_tokens or [str(int(t)) for t in self.prompt]
+        if self.continuation is None:
+            continuation = [self.metadata.get("objective", "objective")]
+        else:
+            continuation = self.continuation_tokens or [str(int(t)) for t in self.continuation]
+        return _plot.plot_tokens(
+            path, self.scores, prompt, [str(c) for c in continuation], size=size, title=title
+        )
+
 
 @dataclass
 class PerturbResult:
