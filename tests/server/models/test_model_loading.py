@@ -17,6 +17,8 @@ from gradtap.client import Client, GradtapError, Objective
 from gradtap.server import Settings, start
 from gradtap.server.errors import ModelLoadError
 from gradtap.server.models.archive import load_archive
+from gradtap.server.models.registry import Registry
+from gradtap.server.models.zoo import export_builtin
 
 from ... import models
 
@@ -179,3 +181,31 @@ def test_server_refuses_bad_archives_and_serves_the_rest(archive: bytes, tmp_pat
             assert c.health() == "SERVING"
     finally:
         running.server.stop(None).wait()
+
+
+@pytest.mark.parametrize(
+    ("padding", "why"),
+    [
+        ({"mask": "attention_mask", "side": "up"}, "padding must be"),
+        ({"mask": "attention_mask", "side": "left", "pad_token_id": -1}, "padding must be"),
+        ({"mask": "attention_mask", "side": "left", "run": "x"}, "padding must be"),
+        ({"mask": "nope", "side": "left"}, "padding names the mask input 'nope'"),
+    ],
+)
+def test_a_malformed_padding_declaration_refuses_the_archive_naming_it(
+    padding: dict[str, object], why: str
+) -> None:
+    buffer = io.BytesIO()
+    options = json.dumps({"padding": padding})
+    torch.export.save(export_builtin("seed-mlp"), buffer, extra_files={"gradtap.json": options})
+    with pytest.raises(ModelLoadError, match=why):
+        Registry(torch.device("cpu")).load("mlp", "1", buffer.getvalue(), "test")
+
+
+def test_a_tokenizer_file_tokenizers_cannot_read_refuses_the_archive() -> None:
+    buffer = io.BytesIO()
+    torch.export.save(
+        export_builtin("seed-mlp"), buffer, extra_files={"tokenizer.json": '{"model": 1}'}
+    )
+    with pytest.raises(ModelLoadError, match="tokenizer.json: tokenizers cannot read it"):
+        Registry(torch.device("cpu")).load("mlp", "1", buffer.getvalue(), "test")
