@@ -1479,8 +1479,8 @@ class AnalyzeRequest(_message.Message):
         """Text instead of inputs, one string per row, for a model whose archive carries its
         tokenizer (DescribeModelResponse.has_tokenizer). The server tokenizes the rows, pads them
         to the longest as the archive declares (left for causal language models) and fills the
-        inputs: input_ids, attention_mask, token_type_ids, position_ids. The header's tokens
-        say what it made. Give inputs or texts, not both.
+        inputs: input_ids, attention_mask, token_type_ids (zeros), position_ids (following the
+        mask). The header's tokens say what it made. Give inputs or texts, not both.
         """
 
     def __init__(

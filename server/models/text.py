@@ -121,7 +121,8 @@ def tokenize(
 
 def text_inputs(model: Model, tokenized: Tokenized, field: str) -> list[torch.Tensor]:
     """The model's inputs for tokenized rows: the ids, the attention mask, and the inputs
-    the server fills (zeros for token_type_ids, 0 ... L-1 for position_ids)."""
+    the server fills (zeros for token_type_ids; position_ids counting the row's tokens from 0,
+    following the mask)."""
     try:
         slot = token_input(model)
     except InvalidArgument as e:
@@ -129,9 +130,12 @@ def text_inputs(model: Model, tokenized: Tokenized, field: str) -> list[torch.Te
             f"{field} cannot fill {model.name}'s inputs: {e.message}", "NOT_A_TOKEN_MODEL", field
         ) from e
     inputs = fill(model, slot, tokenized.ids)
+    positions = (tokenized.mask.cumsum(-1) - 1).clamp(min=0)  # following the mask
     for i, name in enumerate(model.input_nodes):
         if name == "attention_mask":
             inputs[i] = tokenized.mask.to(model.inputs[i].dtype)
+        elif name == "position_ids":
+            inputs[i] = positions.to(model.inputs[i].dtype)
     _check_length(model, slot, tokenized.ids.shape[1], field)
     return inputs
 
