@@ -199,7 +199,7 @@ def _request(model: Model, length: int, rows: int, kind: str, seed: int, target:
     )
 
 
-@pytest.mark.parametrize("name", ["gpt2", "minilm"])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "minilm"])
 @pytest.mark.parametrize("kind", ["sum", "grad_outputs"])
 def test_the_batcher_merges_different_lengths_where_the_archive_declares_padding(
     served: Served, name: str, kind: str
