@@ -15,10 +15,15 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from google.rpc import error_details_pb2
 from gradtap.client import Client, GradtapError, Objective
 from gradtap.server import Settings, start
 from gradtap.server.export import ExportOptions, export
 from gradtap.server.export.huggingface import hf_model
+from grpc_status import rpc_status
+
+from gradtap.v1 import gradtap_pb2 as pb
+from gradtap.v1 import gradtap_pb2_grpc as pb_grpc
 
 from ...real_models import config_directory
 
@@ -184,3 +189,62 @@ def test_inputs_and_text_together_are_refused(served: Served) -> None:
             c.analyze("gpt2", np.zeros((1, 2), np.int64), text="t1")
         with pytest.raises(TypeError):
             c.analyze("gpt2")
+
+
+def test_ids_and_text_together_in_one_request_are_invalid_argument_naming_the_field(
+    served: Served,
+) -> None:
+    """What another language's client could send: the server refuses both at once."""
+    ids = np.array([[1, 2]], np.int64)
+    ids_tensor = pb.Tensor(dtype=pb.DTYPE_INT64, shape=ids.shape, data=ids.tobytes())
+    prompt = pb.Tensor(dtype=pb.DTYPE_INT64, shape=[2], data=ids[0].tobytes())
+    with grpc.insecure_channel(served.address) as channel:
+        stub = pb_grpc.GradientServiceStub(channel)
+        calls = [
+            (
+                lambda: list(
+                    stub.Analyze(
+                        pb.AnalyzeRequest(
+                            model=pb.Model(name="gpt2"), inputs=[ids_tensor] * 2, texts=["t1 t2"]
+                        ),
+                        timeout=30,
+                    )
+                ),
+                "texts",
+                "INPUTS_AND_TEXTS",
+            ),
+            (
+                lambda: list(
+                    stub.AttributeTokens(
+                        pb.AttributeTokensRequest(
+                            model=pb.Model(name="gpt2"),
+                            prompt=prompt,
+                            prompt_text="t1 t2",
+                            continuation_text="t3",
+                            method=pb.ATTRIBUTION_METHOD_SALIENCY,
+                        ),
+                        timeout=30,
+                    )
+                ),
+                "prompt_text",
+                "IDS_AND_TEXT",
+            ),
+        ]
+        for call, field, reason in calls:
+            with pytest.raises(grpc.RpcError) as info:
+                call()
+            error = info.value
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+            status = rpc_status.from_call(error)  # type: ignore[arg-type]
+            assert status is not None
+            found = {}
+            for detail in status.details:
+                if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                    info_pb = error_details_pb2.ErrorInfo()
+                    detail.Unpack(info_pb)
+                    found["reason"] = info_pb.reason
+                if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                    bad = error_details_pb2.BadRequest()
+                    detail.Unpack(bad)
+                    found["field"] = bad.field_violations[0].field
+            assert found == {"reason": reason, "field": field}
