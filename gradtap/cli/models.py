@@ -233,7 +233,10 @@ def describe(
     ]
     notes = [[n.name, n.note] for n in d.nodes if n.note]
     sections = [
-        table([["model", d.name], ["source", d.source], ["digest", d.digest]]),
+        table(
+            [["model", d.name], ["source", d.source], ["digest", d.digest]]
+            + ([["tokenizer", "carried: calls may send text"]] if d.has_tokenizer else [])
+        ),
         "inputs\n" + _specs_table(d.inputs),
         "outputs\n" + _specs_table(d.outputs),
         "modules (path -> node)\n" + (table(modules, indent="  ") or "  (none)"),

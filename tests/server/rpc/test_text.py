@@ -25,6 +25,7 @@ from grpc_status import rpc_status
 from gradtap.v1 import gradtap_pb2 as pb
 from gradtap.v1 import gradtap_pb2_grpc as pb_grpc
 
+from ...cli.running import gradtap
 from ...real_models import config_directory
 
 RTOL, ATOL = 1e-4, 1e-5
@@ -92,6 +93,9 @@ def test_describe_says_which_models_carry_a_tokenizer(served: Served) -> None:
         assert c.describe("minilm").has_tokenizer
         assert c.describe("gpt2").has_tokenizer
         assert not c.describe("plain").has_tokenizer
+    shown = gradtap("describe", "gpt2", "--address", served.address)
+    assert shown.returncode == 0, shown.stderr
+    assert "carried: calls may send text" in shown.stdout
 
 
 def test_texts_to_an_encoder_equal_its_tokenizer_s_ids(served: Served) -> None:
