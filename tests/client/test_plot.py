@@ -107,3 +107,33 @@ def test_result_plot_draws_the_input_gradient_over_the_input(
     assert read(tmp_path / "reduced.png").shape == (400, 800, 3)
     with pytest.raises(ValueError, match="no gradient at 'nope'"):
         r.plot(tmp_path / "nope.png", "nope")
+
+
+def test_a_token_attribution_is_a_heat_strip_of_continuation_by_prompt_tokens(
+    tmp_path: Path,
+) -> None:
+    from gradtap.client import TokenAttributionResult
+
+    scores = np.zeros((2, 3))
+    scores[0, 0], scores[1, 2] = 1.0, -1.0  # the first prompt token raised the first
+    result = TokenAttributionResult(  # continuation token; the last lowered the second
+        scores=scores,
+        values=[-1.0, -2.0],
+        prompt=np.array([5, 6, 7]),
+        continuation=np.array([8, 9]),
+        prompt_tokens=["the", "cat", "sat"],
+        continuation_tokens=["on", "mats"],
+    )
+    pixels = read(result.plot(tmp_path / "tokens.png"))
+    assert pixels.shape == (280, 470, 3)  # it grows with the tokens: 90 px a prompt token
+    cells = pixels[:, : int(0.78 * pixels.shape[1])]  # the strip, left of the color bar
+    red = cells[..., 0] > cells[..., 2] + 0.2
+    blue = cells[..., 2] > cells[..., 0] + 0.2
+    assert red.any() and blue.any()
+    red_y, red_x = np.argwhere(red).mean(axis=0)
+    blue_y, blue_x = np.argwhere(blue).mean(axis=0)
+    assert red_x < blue_x and red_y < blue_y  # top-left positive, bottom-right negative
+    with pytest.raises(ValueError, match="need 2 rows and 3 columns"):
+        TokenAttributionResult(
+            scores=np.zeros((2, 4)), values=[], prompt=np.arange(3), continuation=np.arange(2)
+        ).plot(tmp_path / "bad.png")
