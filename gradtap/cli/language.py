@@ -10,7 +10,7 @@ from typing import Annotated
 import numpy as np
 import typer
 
-from ._client import Result, TokenAttributionResult
+from ._client import Objective, Result, TokenAttributionResult
 from .arrays import load_npy, save_npz
 from .objectives import ObjectiveOptions, describe_objective, parse_objective
 from .options import (
@@ -275,7 +275,8 @@ def attribution_patching(
         typer.Option(
             "--objective",
             metavar="SPEC",
-            help=f"The metric, e.g. logit_diff:17/4: {OBJECTIVE_SPECS.removesuffix(' | none')}.",
+            help="The objective whose change is estimated, e.g. logit_diff:17/4: "
+            f"{OBJECTIVE_SPECS.removesuffix(' | none')}.",
             show_default=False,
         ),
     ],
@@ -295,9 +296,9 @@ def attribution_patching(
     token: Token = None,
     timeout: Timeout = DEFAULT_TIMEOUT,
 ) -> None:
-    """Estimate what patching each target's corrupted activation in does to a metric.
+    """Estimate what patching each target's corrupted activation in does to an objective.
 
-    For each --target: (activation at corrupt - activation at clean) x the metric's gradient
+    For each --target: (activation at corrupt - activation at clean) x the objective's gradient
     at clean, summed over the hidden dimension (one value per token): two forward passes and
     one backward pass on the server, however many targets.
 
@@ -316,7 +317,7 @@ def attribution_patching(
         ObjectiveOptions(position),
     )
     if objective is None:
-        usage("attribution patching needs a metric, e.g. logit_diff:17/4", "--objective")
+        usage("attribution patching needs an objective, e.g. logit_diff:17/4", "--objective")
     checked_out(out)
     clean_arrays = [load_npy(path, "--clean") for path in clean]
     corrupt_arrays = [load_npy(path, "--corrupt") for path in corrupt]
@@ -330,19 +331,19 @@ def attribution_patching(
             reduce_hidden=not whole,
             digest=digest,
         )
-    show_patching(result, objective_spec)
+    show_patching(result, objective)
     if out is not None:
         arrays = {f"patching/{name}": array for name, array in result.patching.items()}
         count = save_npz(out, {**arrays, "loss": np.float64(result.loss)})
         typer.echo(f"\nwrote {count} arrays to {out}")
 
 
-def show_patching(result: Result, spec: str) -> None:
+def show_patching(result: Result, objective: Objective) -> None:
     meta = result.metadata
     about = [
         ["model", str(meta.get("model", "?"))],
-        ["metric", spec],
-        ["metric at clean", f"{result.loss:.6g}"],
+        ["objective", describe_objective(objective)],
+        ["loss", f"{result.loss:.6g} (at the clean input)"],
     ]
     arrays = {f"patching/{name}": array for name, array in result.patching.items()}
     typer.echo(table(about) + "\n\n" + tensors_table(arrays))

@@ -136,7 +136,7 @@ def describe_objective(objective: Objective | None) -> str:
     """ "cross_entropy at output 0", "mse at node relu_1", or "none"."""
     if objective is None:
         return "none"
-    which = objective.message.WhichOneof("kind") or "?"
+    which: str = objective.message.WhichOneof("kind") or "?"
     message = getattr(objective.message, which)
     if which == "logit_diff" and message.probabilities:
         which = "prob_diff"
