@@ -143,6 +143,15 @@ def attribute_tokens(
         int | None,
         typer.Option(min=1, metavar="N", help="integrated_gradients: the steps [50]."),
     ] = None,
+    integration_method: Annotated[
+        str | None,
+        typer.Option(
+            metavar="RULE",
+            help="integrated_gradients: Captum's integration rule (its method), e.g. "
+            "riemann_trapezoid [gausslegendre].",
+            show_default=False,
+        ),
+    ] = None,
     baseline_token: Annotated[
         int | None,
         typer.Option(
@@ -202,19 +211,23 @@ def attribute_tokens(
         usage("what is attributed? give --continuation IDS (or --objective SPEC)", "--continuation")
     checked_out(out)
     with connect(address, token, timeout) as client:
-        result = client.attribute_tokens(
-            model,
-            prompt_ids,
-            continuation_ids,
-            method=method.value,
-            node=node,
-            aggregate=aggregate.value,
-            objective=objective,
-            n_steps=n_steps,
-            baseline_token=baseline_token,
-            internal_batch_size=internal_batch_size,
-            digest=digest,
-        )
+        try:
+            result = client.attribute_tokens(
+                model,
+                prompt_ids,
+                continuation_ids,
+                method=method.value,
+                node=node,
+                aggregate=aggregate.value,
+                objective=objective,
+                n_steps=n_steps,
+                integration_method=integration_method,
+                baseline_token=baseline_token,
+                internal_batch_size=internal_batch_size,
+                digest=digest,
+            )
+        except ValueError as e:  # the one argument the client checks: the integration rule
+            usage(str(e), "--integration-method")
     meta = result.metadata
     about = [
         ["model", meta["model"]],

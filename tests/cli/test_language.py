@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from gradtap.client import Client, Objective
+from gradtap.client import Client, Objective, TokenAttributionResult
 
 from ..conftest import LanguageServed
 from .running import gradtap
@@ -105,12 +105,15 @@ def test_attribute_tokens_prints_a_table_and_saves_what_the_client_returns(
 ) -> None:
     result = gradtap(
         "attribute-tokens", "lm-llama", "--prompt", PROMPT, "--continuation", CONTINUATION,
-        "--method", "integrated_gradients", "--n-steps", "8", "--out", "t.npz",
+        "--method", "integrated_gradients", "--n-steps", "8",
+        "--integration-method", "riemann_trapezoid", "--out", "t.npz",
         "--address", lm_served.address, cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     prompt, continuation = np.array([5, 17, 3, 42, 8, 23]), np.array([9, 11, 64])
-    expected = lm_client.attribute_tokens("lm-llama", prompt, continuation, n_steps=8)
+    expected = lm_client.attribute_tokens(
+        "lm-llama", prompt, continuation, n_steps=8, integration_method="riemann_trapezoid"
+    )
     with np.load(tmp_path / "t.npz") as saved:
         assert sorted(saved.files) == ["continuation", "prompt", "scores", "values"]
         np.testing.assert_array_equal(saved["scores"], expected.scores)
@@ -175,6 +178,7 @@ def test_attribute_tokens_of_an_encoder_s_output(
         ([], "--continuation"),
         (["--continuation", "9", "--objective", "sum"], "--objective"),
         (["--continuation", "9,x"], "--continuation"),
+        (["--continuation", "9", "--integration-method", "simpson"], "--integration-method"),
     ],
 )
 def test_attribute_tokens_says_what_is_missing_or_malformed(
@@ -214,3 +218,17 @@ def test_attribution_patching_saves_what_the_client_returns(
             assert saved[f"patching/{target}"].shape == IDS.shape
         assert float(saved["loss"]) == expected.loss
     assert f"{expected.loss:.6g}" in result.stdout
+
+
+def test_attribute_tokens_draws_the_scores(lm_served: LanguageServed, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    if not hasattr(TokenAttributionResult, "plot"):
+        pytest.skip("this client's TokenAttributionResult cannot draw itself yet")
+    result = gradtap(
+        "attribute-tokens", "lm-gpt2", "--prompt", PROMPT, "--continuation", CONTINUATION,
+        "--method", "input_x_gradient", "--plot", "t.png",
+        "--address", lm_served.address, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert f"wrote a picture to {Path('t.png')}" in result.stdout
+    assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
