@@ -318,9 +318,15 @@ def test_the_aio_client_attributes_tokens_alike(lm_served: LanguageServed) -> No
     np.testing.assert_array_equal(asyncio.run(main()), expected)
 
 
+BLOCK = {"lm-gpt2": "transformer.h.0", "lm-llama": "model.layers.0"}
+
+
 @pytest.mark.parametrize("name", lm.CAUSAL)
+@pytest.mark.parametrize(
+    ("method", "at_block"), [("integrated_gradients", False), ("input_x_gradient", True)]
+)
 def test_token_attribution_matches_captum_on_the_same_exported_program(
-    lm_served: LanguageServed, lm_client: Client, name: str
+    lm_served: LanguageServed, lm_client: Client, name: str, method: str, at_block: bool
 ) -> None:
     # Captum's LLMGradientAttribution, in-process, on the archive the server serves:
     # torch.export.unflatten gives it the modules it hooks back.
@@ -337,16 +343,13 @@ def test_token_attribution_matches_captum_on_the_same_exported_program(
             mask = torch.ones_like(input_ids)
             return SimpleNamespace(logits=self.model(input_ids=input_ids, attention_mask=mask)[0])
 
-    wrapped = Logits()
-    llm = LLMGradientAttribution(
-        LayerIntegratedGradients(wrapped, unflat.get_submodule(EMBEDDING[name])),
-        lm.word_tokenizer(),
+    node = BLOCK[name] if at_block else None
+    expected = captum(Logits(), f"model.{node or EMBEDDING[name]}", method)
+    steps = STEPS if method == "integrated_gradients" else None
+    r = lm_client.attribute_tokens(
+        name, PROMPT, CONTINUATION, method=method, node=node, n_steps=steps
     )
-    prompt = TextTokenInput(lm.text(PROMPT), lm.word_tokenizer())
-    expected = llm.attribute(prompt, target=torch.from_numpy(CONTINUATION), n_steps=STEPS)
-    r = lm_client.attribute_tokens(name, PROMPT, CONTINUATION, n_steps=STEPS)
-    assert expected.token_attr is not None
-    np.testing.assert_allclose(r.scores, expected.token_attr.numpy(), rtol=RTOL, atol=1e-7)
+    np.testing.assert_allclose(r.scores, expected, rtol=RTOL, atol=1e-7)
 
 
 def test_internal_batch_size_splits_the_rows_into_passes_without_changing_the_scores(
