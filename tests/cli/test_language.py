@@ -1,6 +1,7 @@
-"""The language-model questions on the command line: the objectives of analyze (logit at a
-position, log_prob, logit_diff, prob_diff, the sequence loss), `gradtap attribute-tokens` and
-`gradtap attribution-patching`, each saving what the Python client returns."""
+"""The language-model questions on the command line: the objectives of analyze and perturb
+(logit at a position, log_prob, logit_diff, prob_diff, the sequence loss), `gradtap
+attribute-tokens` and `gradtap attribution-patching`, each saving what the Python client
+returns."""
 
 from __future__ import annotations
 
@@ -232,3 +233,24 @@ def test_attribute_tokens_draws_the_scores(lm_served: LanguageServed, tmp_path: 
     assert result.returncode == 0, result.stderr
     assert f"wrote a picture to {Path('t.png')}" in result.stdout
     assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_perturb_follows_a_contrastive_objective_on_a_classifier(
+    client: Client, address: str, tmp_path: Path
+) -> None:
+    # logit_diff on a site shaped (N, C) reads no position: --position none says so.
+    x = np.random.default_rng(8).standard_normal((2, 784)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    result = gradtap(
+        "perturb", "seed-mlp", "-i", "x.npy", "--objective", "logit_diff:3/5",
+        "--position", "none", "--epsilon", "0.05", "--out", "a.npz", "--address", address,
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    expected = client.perturb(
+        "seed-mlp", x, "fgsm", Objective.logit_diff(3, 5, position=None), epsilon=0.05
+    )
+    with np.load(tmp_path / "a.npz") as saved:
+        np.testing.assert_array_equal(saved["adversarial"], expected.adversarial)
+        assert float(saved["objective_after"]) == expected.objective_after
+    assert expected.objective_after > expected.objective_before
