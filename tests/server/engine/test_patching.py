@@ -1,5 +1,6 @@
 """Attribution patching in one request, and the per-token and per-head views of a language
-model's nodes, against the hand-written recipes on the Hugging Face module in-process."""
+model's nodes, against the hand-written recipes in-process: on the Hugging Face module (the
+GPT-2-style, the Llama-style and the MiniLM encoder) and on the exported program itself."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """attribute_tokens, served, against Captum's LLMGradientAttribution on the Hugging Face module
-(GPT-2-style and Llama-style), and against Captum's LayerIntegratedGradients on the pretrained
+and on the exported program (GPT-2-style and Llama-style; at the embedding and at a node; sum
+and L2 aggregates), and against Captum's LayerIntegratedGradients and hooks on the pretrained
 MiniLM encoder; its limits and errors."""
 
 from __future__ import annotations
