@@ -173,6 +173,23 @@ def test_attribute_tokens_of_an_encoder_s_output(
     assert "logit at output last_hidden_state" in result.stdout
 
 
+def test_attribute_tokens_shows_the_first_continuation_tokens_and_saves_them_all(
+    lm_served: LanguageServed, tmp_path: Path
+) -> None:
+    continuation = ",".join(str(t) for t in range(20, 33))  # 13 tokens
+    result = gradtap(
+        "attribute-tokens", "lm-gpt2", "--prompt", PROMPT, "--continuation", continuation,
+        "--method", "saliency", "--aggregate", "l2", "--out", "t.npz",
+        "--address", lm_served.address, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    header = next(line for line in result.stdout.splitlines() if line.startswith("POS"))
+    assert len(header.split()) == 2 + 12
+    assert "(the first 12 of 13 continuation tokens; --out has all)" in result.stdout
+    with np.load(tmp_path / "t.npz") as saved:
+        assert saved["scores"].shape == (13, 6)
+
+
 @pytest.mark.parametrize(
     ("arguments", "option"),
     [
@@ -219,6 +236,26 @@ def test_attribution_patching_saves_what_the_client_returns(
             assert saved[f"patching/{target}"].shape == IDS.shape
         assert float(saved["loss"]) == expected.loss
     assert f"{expected.loss:.6g}" in result.stdout
+    whole = gradtap(
+        "attribution-patching", "lm-gpt2", "--clean", "ids.npy", "--clean", "mask.npy",
+        "--corrupt", "corrupt.npy", "--corrupt", "mask.npy",
+        "--objective", "logit_diff:11,12/13,14", "-t", targets[0], "--whole",
+        "--out", "whole.npz", "--address", lm_served.address, cwd=files,
+    )  # fmt: skip
+    assert whole.returncode == 0, whole.stderr
+    expected_whole = lm_client.attribution_patching(
+        "lm-gpt2",
+        [IDS, mask],
+        [np.load(files / "corrupt.npy"), mask],
+        Objective.logit_diff([11, 12], [13, 14]),
+        targets[0],
+        reduce_hidden=False,
+    )
+    with np.load(files / "whole.npz") as saved:
+        np.testing.assert_array_equal(
+            saved[f"patching/{targets[0]}"], expected_whole.patching[targets[0]]
+        )
+        assert saved[f"patching/{targets[0]}"].shape == (*IDS.shape, 32)
 
 
 def test_attribute_tokens_draws_the_scores(lm_served: LanguageServed, tmp_path: Path) -> None:
