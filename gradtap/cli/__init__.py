@@ -1,15 +1,16 @@
 """The gradtap command line: serve models, describe them, analyze, attribute and perturb inputs.
 
 One module per command group (serve; models, describe and health; analyze and analyze-many;
-attribute; perturb; export); the options they share are declared once, in options.py. The entry
-point is main(); `python -m gradtap.cli` runs it too.
+attribute; attribute-tokens and attribution-patching; perturb; export); the options they
+share are declared once, in options.py. The entry point is main(); `python -m gradtap.cli`
+runs it too.
 """
 
 from __future__ import annotations
 
 import typer
 
-from . import analyze, attribute, export, models, perturb, serve
+from . import analyze, attribute, export, language, models, perturb, serve
 from ._client import GradtapError
 
 app = typer.Typer(
@@ -26,6 +27,8 @@ app.command()(analyze.analyze)
 app.command("analyze-many")(analyze.analyze_many)
 app.command()(models.health)
 app.command()(attribute.attribute)
+app.command("attribute-tokens")(language.attribute_tokens)
+app.command("attribution-patching")(language.attribution_patching)
 app.command()(perturb.perturb)
 app.command()(export.export)
 

@@ -20,3 +20,4 @@ Objective = gradtap_client.Objective
 PerturbResult = gradtap_client.PerturbResult
 Result = gradtap_client.Result
 TensorSpec = gradtap_client.TensorSpec
+TokenAttributionResult = gradtap_client.TokenAttributionResult

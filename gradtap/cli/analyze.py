@@ -19,14 +19,16 @@ from .arrays import (
     read_inputs,
     save_npz,
 )
-from .objectives import describe_objective, objective_for
+from .objectives import ObjectiveOptions, describe_objective, objective_for
 from .options import (
     DEFAULT_ADDRESS,
     DEFAULT_TIMEOUT,
     OBJECTIVE_SPECS,
     Activations,
     Address,
+    ClassDim,
     Digest,
+    IgnoreIndex,
     InputGrads,
     Inputs,
     InputSeed,
@@ -35,8 +37,10 @@ from .options import (
     ObjectiveNode,
     ObjectiveOutput,
     ParamGrads,
+    Position,
     Precision,
     PrecisionOption,
+    Shift,
     Targets,
     Timeout,
     Token,
@@ -62,9 +66,11 @@ ObjectiveSpec = Annotated[
     typer.Option(
         "--objective",
         metavar="SPEC",
-        help=f"The scalar to differentiate: {OBJECTIVE_SPECS}. logit takes one index for "
-        "every row or one per row; cross_entropy one label per row. Default: sum when "
-        "--target, --input-grads or --objective-node is given.",
+        help=f"The scalar to differentiate: {OBJECTIVE_SPECS}. logit, logit_diff and "
+        "prob_diff take one index (token) for every row or one per row; log_prob the tokens "
+        "scored in every row; cross_entropy one label per row, or an .npy of labels (N, S) "
+        "for a language model. Default: sum when --target, --input-grads or "
+        "--objective-node is given.",
         show_default=False,
     ),
 ]
@@ -126,6 +132,10 @@ def analyze(
     objective_spec: ObjectiveSpec = None,
     objective_output: ObjectiveOutput = "0",
     objective_node: ObjectiveNode = None,
+    position: Position = None,
+    class_dim: ClassDim = None,
+    ignore_index: IgnoreIndex = None,
+    shift: Shift = False,
     input_grads: InputGrads = False,
     activations: Activations = False,
     param_grads: ParamGrads = None,
@@ -179,6 +189,10 @@ def analyze(
             objective_spec=objective_spec,
             objective_output=objective_output,
             objective_node=objective_node,
+            position=position,
+            class_dim=class_dim,
+            ignore_index=ignore_index,
+            shift=shift,
             input_grads=input_grads,
             activations=activations,
             param_grads=param_grads,
@@ -195,6 +209,7 @@ def analyze(
         output_choice(objective_output, "--objective-output"),
         objective_node,
         bool(targets or input_grads),
+        ObjectiveOptions(position, class_dim, ignore_index, shift),
     )
     checked_out(out)
     if plot is not None and not (targets or input_grads):
@@ -255,6 +270,10 @@ def analyze_many(
     objective_spec: ObjectiveSpec = None,
     objective_output: ObjectiveOutput = "0",
     objective_node: ObjectiveNode = None,
+    position: Position = None,
+    class_dim: ClassDim = None,
+    ignore_index: IgnoreIndex = None,
+    shift: Shift = False,
     input_grads: InputGrads = False,
     activations: Activations = False,
     param_grads: ParamGrads = None,
@@ -282,6 +301,7 @@ def analyze_many(
         output_choice(objective_output, "--objective-output"),
         objective_node,
         bool(targets or input_grads),
+        ObjectiveOptions(position, class_dim, ignore_index, shift),
     )
     with connect(address, token, timeout) as client:
         count = analyze_dir(

@@ -17,7 +17,9 @@ DEFAULT_TIMEOUT = 300.0
 """Seconds: the server's default --max-call-seconds, the longest any call may run there."""
 
 OBJECTIVE_SPECS = (
-    "sum | logit:K[,K...] | cross_entropy:L[,L...] | mse:FILE.npy | grad_outputs:FILE.npy | none"
+    "sum | logit:K[,K...] | log_prob:T[,T...] | logit_diff:C[,C...]/W[,W...] | "
+    "prob_diff:C[,C...]/W[,W...] | cross_entropy:L[,L...] | cross_entropy:FILE.npy | "
+    "mse:FILE.npy | grad_outputs:FILE.npy | none"
 )
 
 
@@ -179,9 +181,50 @@ def output_choice(text: str, option: str) -> int | str:
     if not text:
         usage("give an output's position or name", option)
     return int(text) if text.isdigit() else text
+
+
 ObjectiveNode = Annotated[
     str | None,
     typer.Option(metavar="NAME", help="Take the objective at this node instead."),
+]
+Position = Annotated[
+    str | None,
+    typer.Option(
+        "--position",
+        metavar="P[,P...]",
+        help="The sequence position of a language model's logits (N, S, V), negative "
+        "counting from the end: logit's (required there), logit_diff's and prob_diff's "
+        "(-1 by default; none on a site shaped (N, C)); log_prob's, one per token (by "
+        "default the tokens are the input's last ones, each scored one position earlier).",
+        show_default=False,
+    ),
+]
+ClassDim = Annotated[
+    int | None,
+    typer.Option(
+        "--class-dim",
+        metavar="1|-1",
+        help="cross_entropy: the class dimension, 1 (PyTorch's (N, C, ...)) or -1 (a "
+        "language model's (N, S, V)); inferred from the labels' shape by default.",
+        show_default=False,
+    ),
+]
+IgnoreIndex = Annotated[
+    int | None,
+    typer.Option(
+        "--ignore-index",
+        metavar="N",
+        help="cross_entropy: labels equal to N count for nothing [-100].",
+        show_default=False,
+    ),
+]
+Shift = Annotated[
+    bool,
+    typer.Option(
+        "--shift",
+        help="cross_entropy: the next-token loss; the labels are the token ids (N, S) and "
+        "the logits at t predict token t + 1, as Hugging Face's labels=.",
+    ),
 ]
 
 

@@ -14,19 +14,23 @@ import typer
 
 from ._client import PerturbResult
 from .arrays import load_npy, read_inputs, save_result
-from .objectives import parse_objective
+from .objectives import ObjectiveOptions, parse_objective
 from .options import (
     DEFAULT_ADDRESS,
     DEFAULT_TIMEOUT,
     OBJECTIVE_SPECS,
     Address,
+    ClassDim,
     Digest,
+    IgnoreIndex,
     Inputs,
     InputSeed,
     Model,
     ModelVersion,
     ObjectiveNode,
     ObjectiveOutput,
+    Position,
+    Shift,
     Timeout,
     Token,
     checked_out,
@@ -117,6 +121,10 @@ def perturb(
     ),
     objective_output: ObjectiveOutput = "0",
     objective_node: ObjectiveNode = None,
+    position: Position = None,
+    class_dim: ClassDim = None,
+    ignore_index: IgnoreIndex = None,
+    shift: Shift = False,
     step_size: Annotated[
         float | None, typer.Option(min=0, metavar="ALPHA", help="PGD: the size of each step.")
     ] = None,
@@ -187,7 +195,10 @@ def perturb(
         deprecated("--start-seed", "--seed")
         seed = start_seed
     objective = parse_objective(
-        objective_spec, output_choice(objective_output, "--objective-output"), objective_node
+        objective_spec,
+        output_choice(objective_output, "--objective-output"),
+        objective_node,
+        ObjectiveOptions(position, class_dim, ignore_index, shift),
     )
     if objective is None:
         usage("perturb needs an objective to follow", "--objective")

@@ -1,10 +1,13 @@
 """The objectives of language models, served, against the Hugging Face module in-process and the
 same exported program: logit at a position, log_prob, logit_diff, prob_diff and the sequence
-loss; and every objective's shape error raised before the forward pass."""
+loss, on the GPT-2-style and Llama-style models and on the pretrained MiniLM encoder's output;
+and every objective's shape error raised before the forward pass."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,7 +23,13 @@ from ...conftest import LanguageServed
 RTOL, ATOL = 1e-5, 1e-6
 """float32 on the CPU: the served pass and the module's own run the same operators."""
 
-EMBEDDING = {"lm-gpt2": "transformer.wte", "lm-llama": "model.embed_tokens"}
+EMBEDDING = {
+    "lm-gpt2": "transformer.wte",
+    "lm-llama": "model.embed_tokens",
+    lm.ENCODER: "embeddings.word_embeddings",
+}
+MODELS = (*lm.CAUSAL, lm.ENCODER)
+"""On the encoder the objectives read its last hidden state (N, S, 384) as they read logits."""
 
 
 def ids_and_mask(rows: int = 2, length: int = 9) -> tuple[np.ndarray, np.ndarray]:
@@ -52,13 +61,29 @@ def reference(
     return float(value.detach()), kept[0].grad.numpy()
 
 
+@functools.cache
+def exported(path: Path) -> nn.Module:
+    """The archive the server serves, loaded in-process (once per archive)."""
+    return torch.export.load(path).module()
+
+
+def exported_first_output(served: LanguageServed, name: str, ids: np.ndarray) -> torch.Tensor:
+    """The first output (logits, or the encoder's last hidden state) of the same exported
+    program, run in-process; it takes input_ids and attention_mask by name."""
+    with torch.no_grad():
+        out = exported(served.repository / f"{name}.pt2")(
+            **lm.exported_inputs(name, torch.from_numpy(ids))
+        )
+    return out[0]  # type: ignore[no-any-return]
+
+
 def exported_loss(served: LanguageServed, name: str, ids: np.ndarray, scalar: Any) -> float:
     """The objective on the same exported program, run in-process."""
-    program = torch.export.load(served.repository / f"{name}.pt2")
-    x = torch.from_numpy(ids)
-    with torch.no_grad():
-        return float(scalar(program.module()(x, torch.ones_like(x))[0]))
+    return float(scalar(exported_first_output(served, name, ids)))
 
+
+IGNORING = np.array([[7, 7, 7, 1, 2, 3, 4, 5, 6], [9, 8, 7, 7, 6, 5, 4, 3, 2]], dtype=np.int64)
+"""Labels of which the 7s count for nothing (ignore_index=7)."""
 
 CASES: dict[str, tuple[Objective, Callable[[torch.Tensor], torch.Tensor]]] = {
     "logit at a position": (
@@ -88,12 +113,18 @@ CASES: dict[str, tuple[Objective, Callable[[torch.Tensor], torch.Tensor]]] = {
     ),
     "cross_entropy, class_dim -1": (
         Objective.cross_entropy(np.arange(18).reshape(2, 9), class_dim=-1, reduction="sum"),
-        lambda z: F.cross_entropy(z.reshape(-1, lm.VOCABULARY), torch.arange(18), reduction="sum"),
+        lambda z: F.cross_entropy(z.reshape(-1, z.shape[-1]), torch.arange(18), reduction="sum"),
+    ),
+    "cross_entropy with an ignore_index": (
+        Objective.cross_entropy(IGNORING, class_dim=-1, ignore_index=7),
+        lambda z: F.cross_entropy(
+            z.reshape(-1, z.shape[-1]), torch.from_numpy(IGNORING).reshape(-1), ignore_index=7
+        ),
     ),
 }
 
 
-@pytest.mark.parametrize("name", lm.CAUSAL)
+@pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_objective_matches_the_module_and_the_exported_program(
     lm_served: LanguageServed, lm_client: Client, name: str, case: str
@@ -122,6 +153,12 @@ def test_shifted_cross_entropy_is_hugging_face_s_own_loss(
     with torch.no_grad():
         expected = module(input_ids=torch.from_numpy(ids), labels=torch.from_numpy(labels)).loss
     assert r.loss == pytest.approx(float(expected), rel=RTOL)
+    # ... and the same loss, written out, on the exported program's logits.
+    logits = exported_first_output(lm_served, name, ids)
+    by_hand = F.cross_entropy(
+        logits[:, :-1].reshape(-1, lm.VOCABULARY), torch.from_numpy(labels[:, 1:]).reshape(-1)
+    )
+    assert r.loss == pytest.approx(float(by_hand), rel=RTOL)
 
 
 def test_a_classifier_s_cross_entropy_keeps_class_dimension_1(lm_client: Client) -> None:

@@ -1,8 +1,10 @@
 """Attribution patching in one request, and the per-token and per-head views of a language
-model's nodes, against the hand-written recipes on the Hugging Face module in-process."""
+model's nodes, against the hand-written recipes in-process: on the Hugging Face module (the
+GPT-2-style, the Llama-style and the MiniLM encoder) and on the exported program itself."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -33,9 +35,19 @@ def first(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output  # type: ignore[no-any-return]
 
 
-def recipe(module: nn.Module, paths: list[str]) -> dict[str, torch.Tensor]:
+def hugging_face(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda ids: module(input_ids=ids)[0]  # type: ignore[no-any-return]
+
+
+def recipe(
+    module: nn.Module,
+    paths: list[str],
+    logits_of: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
     """Attribution patching as nnsight and TransformerLens users write it: cache the corrupted
-    activations, run the clean input with gradients kept, multiply."""
+    activations, run the clean input with gradients kept, multiply. `logits_of` runs the
+    module on ids (by default the Hugging Face module's own call)."""
+    logits_of = logits_of or hugging_face(module)
     corrupt: dict[str, torch.Tensor] = {}
     clean: dict[str, torch.Tensor] = {}
 
@@ -54,7 +66,7 @@ def recipe(module: nn.Module, paths: list[str]) -> dict[str, torch.Tensor]:
         ]
         try:
             with torch.set_grad_enabled(grad):
-                logits = module(input_ids=torch.from_numpy(ids))[0]
+                logits = logits_of(torch.from_numpy(ids))
                 if grad:
                     metric(logits).backward()
         finally:
@@ -86,6 +98,65 @@ def test_attribution_patching_matches_the_hand_written_recipe(
     np.testing.assert_allclose(
         whole.patching[paths[1]], expected[paths[1]].numpy(), rtol=1e-4, atol=1e-6
     )
+
+
+@pytest.mark.parametrize("name", lm.CAUSAL)
+def test_attribution_patching_matches_the_recipe_on_the_same_exported_program(
+    lm_served: LanguageServed, lm_client: Client, name: str
+) -> None:
+    # The hand-written recipe's hooks on the archive the server serves, its modules given
+    # back by torch.export.unflatten.
+    unflat = torch.export.unflatten(torch.export.load(lm_served.repository / f"{name}.pt2"))
+    paths = TARGETS[name]
+
+    def logits_of(ids: torch.Tensor) -> torch.Tensor:
+        return unflat(input_ids=ids, attention_mask=torch.ones_like(ids))[0]  # type: ignore[no-any-return]
+
+    mask = np.ones_like(CLEAN)
+    r = lm_client.attribution_patching(name, [CLEAN, mask], [CORRUPT, mask], METRIC, paths)
+    expected = recipe(unflat, paths, logits_of)
+    for path in paths:
+        np.testing.assert_allclose(
+            r.patching[path], expected[path].sum(-1).numpy(), rtol=1e-4, atol=1e-6
+        )
+
+
+def test_attribution_patching_on_an_encoder_s_output(
+    lm_served: LanguageServed, lm_client: Client
+) -> None:
+    # MiniLM: the metric is a difference of two hidden units of the [CLS] position.
+    module = lm_served.modules[lm.ENCODER]
+    clean = np.array([[101, 2023, 2003, 1037, 3231, 102]])
+    corrupt = np.array([[101, 2023, 2003, 1996, 3231, 102]])
+    paths = ["embeddings", "encoder.layer.0", "encoder.layer.3.attention"]
+    objective = Objective.logit_diff(7, 11, position=0, output="last_hidden_state")
+    mask = np.ones_like(clean)
+    r = lm_client.attribution_patching(lm.ENCODER, [clean, mask], [corrupt, mask], objective, paths)
+    kept: dict[str, dict[str, torch.Tensor]] = {"clean": {}, "corrupt": {}}
+    for run, ids in (("corrupt", corrupt), ("clean", clean)):
+        handles = [
+            module.get_submodule(p).register_forward_hook(
+                lambda _, __, out, p=p, run=run: kept[run].__setitem__(p, first(out))
+            )
+            for p in paths
+        ]
+        try:
+            with torch.set_grad_enabled(run == "clean"):
+                hidden = module(input_ids=torch.from_numpy(ids)).last_hidden_state
+                if run == "clean":
+                    for value in kept["clean"].values():
+                        value.retain_grad()
+                    (hidden[0, 0, 7] - hidden[0, 0, 11]).backward()
+        finally:
+            for h in handles:
+                h.remove()
+    module.zero_grad(set_to_none=True)
+    for p in paths:
+        a, c = kept["clean"][p], kept["corrupt"][p]
+        assert a.grad is not None
+        expected = ((c - a) * a.grad).sum(-1).detach().numpy()
+        np.testing.assert_allclose(r.patching[p], expected, rtol=1e-4, atol=1e-6)
+    assert r.loss == pytest.approx(float((hidden[0, 0, 7] - hidden[0, 0, 11]).detach()), rel=1e-5)
 
 
 def test_patching_errors_name_the_field(lm_client: Client, lm_served: LanguageServed) -> None:

@@ -1,5 +1,6 @@
 """attribute_tokens, served, against Captum's LLMGradientAttribution on the Hugging Face module
-(GPT-2-style and Llama-style), and against Captum's LayerIntegratedGradients on the pretrained
+and on the exported program (GPT-2-style and Llama-style; at the embedding and at a node; sum
+and L2 aggregates), and against Captum's LayerIntegratedGradients and hooks on the pretrained
 MiniLM encoder; its limits and errors."""
 
 from __future__ import annotations
@@ -50,6 +51,12 @@ def captum(module: nn.Module, layer: str, method: str, **kwargs: Any) -> np.ndar
 def per_token_gradients(module: nn.Module, layer: str) -> list[torch.Tensor]:
     """What LLMGradientAttribution's loop takes before it sums: the gradient of each
     continuation token's log-probability at the layer, cut to the prompt (P, hidden)."""
+    return [gradient for gradient, _ in per_token(module, layer)]
+
+
+def per_token(module: nn.Module, layer: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """For each continuation token, the gradient of its log-probability at the layer and the
+    layer's activation, both cut to the prompt (P, hidden)."""
     kept: list[torch.Tensor] = []
 
     def keep(_: nn.Module, __: Any, output: torch.Tensor) -> None:
@@ -65,7 +72,8 @@ def per_token_gradients(module: nn.Module, layer: str) -> list[torch.Tensor]:
             logits = module(input_ids=ids)[0]
             logits[0, -1].log_softmax(-1)[int(token)].backward()
             assert kept[0].grad is not None
-            grads.append(kept[0].grad[0, : len(PROMPT)].detach())
+            cut = slice(0, len(PROMPT))
+            grads.append((kept[0].grad[0, cut].detach(), kept[0][0, cut].detach()))
     finally:
         handle.remove()
         module.zero_grad(set_to_none=True)
@@ -181,6 +189,59 @@ def test_an_encoder_s_tokens_are_attributed_to_an_output_as_captum_does(
     )
 
 
+@pytest.mark.parametrize("name", lm.CAUSAL)
+def test_integrated_gradients_at_a_node_matches_captum(
+    lm_served: LanguageServed, lm_client: Client, name: str
+) -> None:
+    node = {"lm-gpt2": "transformer.h.1", "lm-llama": "model.layers.0"}[name]
+    r = lm_client.attribute_tokens(name, PROMPT, CONTINUATION, node=node, n_steps=STEPS)
+    expected = captum(lm_served.modules[name], node, "integrated_gradients")
+    np.testing.assert_allclose(r.scores, expected, rtol=RTOL, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", lm.CAUSAL)
+def test_the_l2_aggregate_of_input_x_gradient_at_a_node_is_the_product_s_norm(
+    lm_served: LanguageServed, lm_client: Client, name: str
+) -> None:
+    node = {"lm-gpt2": "transformer.h.0", "lm-llama": "model.layers.1"}[name]
+    r = lm_client.attribute_tokens(
+        name, PROMPT, CONTINUATION, method="input_x_gradient", node=node, aggregate="l2"
+    )
+    pairs = per_token(lm_served.modules[name], node)
+    expected = torch.stack([(g * a).norm(dim=-1) for g, a in pairs]).numpy()
+    np.testing.assert_allclose(r.scores, expected, rtol=RTOL, atol=1e-7)
+
+
+def test_an_encoder_s_saliency_at_a_node_to_a_named_output(
+    lm_served: LanguageServed, lm_client: Client
+) -> None:
+    module = lm_served.modules[lm.ENCODER]
+    ids = np.array([101, 2023, 2003, 1037, 3231, 102])
+    node = "encoder.layer.2"
+    objective = Objective.logit_diff(7, 11, position=0, output="last_hidden_state")
+    r = lm_client.attribute_tokens(
+        lm.ENCODER, ids, objective=objective, method="saliency", node=node, aggregate="l2"
+    )
+    kept: list[torch.Tensor] = []
+
+    def keep(_: nn.Module, __: Any, output: Any) -> None:
+        value = output[0] if isinstance(output, tuple) else output
+        value.retain_grad()
+        kept.append(value)
+
+    handle = module.get_submodule(node).register_forward_hook(keep)
+    try:
+        hidden = module(input_ids=torch.from_numpy(ids)[None]).last_hidden_state
+        (hidden[0, 0, 7] - hidden[0, 0, 11]).backward()
+    finally:
+        handle.remove()
+        module.zero_grad(set_to_none=True)
+    assert kept[0].grad is not None
+    np.testing.assert_allclose(r.scores, kept[0].grad.norm(dim=-1).numpy(), rtol=RTOL)
+    value = float((hidden[0, 0, 7] - hidden[0, 0, 11]).detach())
+    assert r.values == pytest.approx([value], rel=1e-5)
+
+
 BAD: dict[str, tuple[dict[str, Any], str, str]] = {
     "a continuation past 512 tokens": (
         {"continuation": np.zeros(513, np.int64)},
@@ -258,14 +319,21 @@ def test_the_aio_client_attributes_tokens_alike(lm_served: LanguageServed) -> No
     np.testing.assert_array_equal(asyncio.run(main()), expected)
 
 
+BLOCK = {"lm-gpt2": "transformer.h.0", "lm-llama": "model.layers.0"}
+
+
+@pytest.mark.parametrize("name", lm.CAUSAL)
+@pytest.mark.parametrize(
+    ("method", "at_block"), [("integrated_gradients", False), ("input_x_gradient", True)]
+)
 def test_token_attribution_matches_captum_on_the_same_exported_program(
-    lm_served: LanguageServed, lm_client: Client
+    lm_served: LanguageServed, lm_client: Client, name: str, method: str, at_block: bool
 ) -> None:
     # Captum's LLMGradientAttribution, in-process, on the archive the server serves:
     # torch.export.unflatten gives it the modules it hooks back.
     from types import SimpleNamespace
 
-    unflat = torch.export.unflatten(torch.export.load(lm_served.repository / "lm-gpt2.pt2"))
+    unflat = torch.export.unflatten(torch.export.load(lm_served.repository / f"{name}.pt2"))
 
     class Logits(nn.Module):
         def __init__(self) -> None:
@@ -273,18 +341,16 @@ def test_token_attribution_matches_captum_on_the_same_exported_program(
             self.model = unflat
 
         def forward(self, input_ids: torch.Tensor) -> Any:
-            return SimpleNamespace(logits=self.model(input_ids, torch.ones_like(input_ids))[0])
+            mask = torch.ones_like(input_ids)
+            return SimpleNamespace(logits=self.model(input_ids=input_ids, attention_mask=mask)[0])
 
-    wrapped = Logits()
-    llm = LLMGradientAttribution(
-        LayerIntegratedGradients(wrapped, unflat.get_submodule(EMBEDDING["lm-gpt2"])),
-        lm.word_tokenizer(),
+    node = BLOCK[name] if at_block else None
+    expected = captum(Logits(), f"model.{node or EMBEDDING[name]}", method)
+    steps = STEPS if method == "integrated_gradients" else None
+    r = lm_client.attribute_tokens(
+        name, PROMPT, CONTINUATION, method=method, node=node, n_steps=steps
     )
-    prompt = TextTokenInput(lm.text(PROMPT), lm.word_tokenizer())
-    expected = llm.attribute(prompt, target=torch.from_numpy(CONTINUATION), n_steps=STEPS)
-    r = lm_client.attribute_tokens("lm-gpt2", PROMPT, CONTINUATION, n_steps=STEPS)
-    assert expected.token_attr is not None
-    np.testing.assert_allclose(r.scores, expected.token_attr.numpy(), rtol=RTOL, atol=1e-7)
+    np.testing.assert_allclose(r.scores, expected, rtol=RTOL, atol=1e-7)
 
 
 def test_internal_batch_size_splits_the_rows_into_passes_without_changing_the_scores(
