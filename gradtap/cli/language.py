@@ -247,11 +247,8 @@ def attribute_tokens(
             arrays["continuation"] = result.continuation
         typer.echo(f"\nwrote {save_npz(out, arrays)} arrays to {out}")
     if plot is not None:
-        draw = getattr(result, "plot", None)
-        if draw is None:
-            usage("this gradtap client cannot draw token attributions", "--plot")
         try:
-            written = draw(plot)
+            written = result.plot(plot)
         except (ImportError, ValueError) as e:
             usage(str(e), "--plot")
         typer.echo(f"wrote a picture to {written}")
