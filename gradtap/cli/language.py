@@ -22,7 +22,6 @@ from .options import (
     ObjectiveNode,
     ObjectiveOutput,
     Position,
-    Targets,
     Timeout,
     Token,
     checked_out,
@@ -290,7 +289,16 @@ def attribution_patching(
             show_default=False,
         ),
     ],
-    targets: Targets = None,
+    targets: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--target",
+            "-t",
+            metavar="NAME",
+            help="A node (a graph-node name or module path, see `gradtap describe`) whose "
+            "patching estimate to return; repeatable.",
+        ),
+    ] = None,
     objective_output: ObjectiveOutput = "0",
     objective_node: ObjectiveNode = None,
     position: Position = None,
