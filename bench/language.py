@@ -40,7 +40,7 @@ class Sizes:
 
 def sizes(cfg: Config) -> Sizes:
     if cfg.quick:
-        return Sizes(layers=2, tokens=32, continuation=4, steps=4, rounds=cfg.repeats)
+        return Sizes(layers=2, tokens=16, continuation=2, steps=2, rounds=cfg.repeats)
     return Sizes(layers=12, tokens=128, continuation=8, steps=8, rounds=min(cfg.repeats, 3))
 
 
@@ -172,7 +172,7 @@ def _report(section: Section, size: Sizes, rows: list[dict[str, Any]]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.language", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="2 layers, 32 tokens")
+    parser.add_argument("--quick", action="store_true", help="2 layers, 16 tokens")
     parser.add_argument("--repeats", type=int, metavar="N", help="rounds per comparison")
     args = parser.parse_args(argv)
     from . import report
