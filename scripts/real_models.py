@@ -37,6 +37,7 @@ from gradtap.server.export import Exported, ExportError, ExportOptions, export  
 from torch import nn  # noqa: E402
 
 from bench.architectures import Architecture, chosen, select  # noqa: E402
+from bench.zoo import first_output  # noqa: E402
 
 
 def _middle_module(result: Exported) -> str | None:
@@ -82,8 +83,7 @@ def _gradient_check(result: Exported, path: str) -> float:
         out = module(**result.inputs)
     finally:
         handle.remove()
-    first = out[0] if isinstance(out, tuple) else next(iter(out.values()))
-    first.sum().backward()
+    first_output(out).sum().backward()
     hidden = kept["hidden"]
     model = result.model
     tensors = [result.inputs[spec.name] for spec in model.inputs]
