@@ -7,6 +7,8 @@ import shim where torchvision cannot load) and torchvision (skipped where it can
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ from gradtap.server.export import Exported, ExportOptions, export
 from gradtap.server.export.huggingface import hf_model
 from torch import nn
 
-from bench.architectures import importable
+from bench.architectures import ARCHITECTURES, chosen, importable
 from bench.timm_shim import StandInUsed, import_timm, torchvision_error
 
 from ...cli.running import gradtap
@@ -260,6 +262,19 @@ VISION = {
 """A small model of each vision library, and a module in its middle."""
 
 
+@contextmanager
+def timm_leaves_afterwards() -> Iterator[None]:
+    """timm, imported inside (through the shim where it must be), is forgotten afterwards: no
+    other test meets a timm that the shim imported."""
+    had = set(sys.modules)
+    try:
+        yield
+    finally:
+        for name in set(sys.modules) - had:
+            if name.split(".")[0] == "timm":
+                del sys.modules[name]
+
+
 @dataclass
 class VisionServed:
     address: str
@@ -273,8 +288,7 @@ def vision(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     bench's import shim where torchvision cannot load (its stand-ins leave with the module);
     skipped, with the import error as the reason, where the library cannot be imported."""
     library = request.param
-    had = set(sys.modules)
-    try:
+    with timm_leaves_afterwards():
         if library == "timm":
             reason = importable("timm")
         else:
@@ -293,10 +307,6 @@ def vision(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
             yield VisionServed(f"127.0.0.1:{running.port}", exported, target)
         finally:
             running.server.stop(None).wait()
-    finally:
-        for name in set(sys.modules) - had:
-            if name.split(".")[0] == "timm":
-                del sys.modules[name]
 
 
 def test_a_timm_or_torchvision_model_is_served_described_and_matches_eager(
@@ -345,8 +355,7 @@ def test_without_torchvision_timm_runs_only_through_stand_ins_that_raise_when_us
     why = torchvision_error()
     if not why:
         pytest.skip("torchvision imports here: timm needs no stand-in")
-    had = set(sys.modules)
-    try:
+    with timm_leaves_afterwards():
         timm = import_timm()
         with pytest.raises(StandInUsed, match=r"torchvision\.transforms\.\w+ is, or is built on"):
             timm.data.create_transform(32)
@@ -355,10 +364,6 @@ def test_without_torchvision_timm_runs_only_through_stand_ins_that_raise_when_us
         assert not [m for m in sys.modules if m.split(".")[0] == "torchvision"]
         with pytest.raises(ImportError):
             import torchvision  # noqa: F401
-    finally:
-        for name in set(sys.modules) - had:
-            if name.split(".")[0] == "timm":
-                del sys.modules[name]
 
 
 def test_gradtap_export_names_why_timm_cannot_be_imported(tmp_path: Path) -> None:
@@ -369,3 +374,14 @@ def test_gradtap_export_names_why_timm_cannot_be_imported(tmp_path: Path) -> Non
     assert "timm: sources need timm, which cannot be imported here" in done.stderr
     assert "torchvision" in done.stderr
     assert not (tmp_path / "r.pt2").exists()
+
+
+def test_every_architecture_of_issue_10_is_built_here_as_itself_or_a_stated_equivalent() -> None:
+    assert len(ARCHITECTURES) == 18
+    assert {a.family for a in ARCHITECTURES} == {"torchvision", "timm", "huggingface"}
+    with timm_leaves_afterwards():
+        built = {a: chosen(a, "full") for a in ARCHITECTURES}
+    for a, (way, why) in built.items():
+        assert way is not None, f"{a.name}: {why}"
+        assert way is a.ways[0] or way.about, f"{a.name}: an equivalent that says not how"
+        assert len(why) == a.ways.index(way), why  # a reason for each way passed over
