@@ -380,8 +380,8 @@ def test_every_architecture_of_issue_10_is_built_here_as_itself_or_a_stated_equi
     assert len(ARCHITECTURES) == 18
     assert {a.family for a in ARCHITECTURES} == {"torchvision", "timm", "huggingface"}
     with timm_leaves_afterwards():
-        built = {a: chosen(a, "full") for a in ARCHITECTURES}
-    for a, (way, why) in built.items():
+        built = [(a, *chosen(a, "full")) for a in ARCHITECTURES]
+    for a, way, why in built:
         assert way is not None, f"{a.name}: {why}"
         assert way is a.ways[0] or way.about, f"{a.name}: an equivalent that says not how"
         assert len(why) == a.ways.index(way), why  # a reason for each way passed over
