@@ -88,6 +88,8 @@ def _entry(architecture: Architecture, way: Way) -> Entry:
     image = architecture.image.get(SIZE)
     if image and way.library != "transformers":
         about += f", {image[1]}x{image[2]}"
+    if way.library == "transformers":
+        about += _layout(way.config[SIZE])
     return Entry(
         architecture.key,
         architecture.family,
@@ -96,6 +98,16 @@ def _entry(architecture: Architecture, way: Way) -> Entry:
         architecture,
         way,
     )
+
+
+def _layout(config: Any) -> str:
+    """ ", 4 layers x 256, 8 tokens": a Hugging Face configuration's depth and width."""
+    layers = config.get("num_hidden_layers") or config.get("n_layer")
+    if layers is None and "encoder_layers" in config:
+        layers = f"{config['encoder_layers']}+{config.get('decoder_layers', 0)}"
+    width = config.get("hidden_size") or config.get("n_embd") or config.get("d_model")
+    tokens = ", 8 tokens" if config.get("vocab_size") else ""
+    return f", {layers} layers x {width}{tokens}" if layers and width else ""
 
 
 def _chosen(quick: bool, only: Sequence[str]) -> list[Architecture | Entry]:
