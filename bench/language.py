@@ -100,6 +100,7 @@ def run(cfg: Config) -> Section:
                         target = torch.from_numpy(continuation)
                         return llm.attribute(text, target=target, **extra)
 
+                    # compared once, which also warms both sides; then timed in rounds
                     got, want = served(), in_process()
                     reference = want.token_attr.numpy()
                     error = float(np.abs(got.scores - reference).max() / np.abs(reference).max())
