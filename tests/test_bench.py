@@ -20,7 +20,9 @@ from bench._common import quantile, stats
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("overhead", "zoo", "small_calls", "transport", "batching", "peers", "memory")
+SECTIONS = (
+    "overhead", "zoo", "language", "small_calls", "transport", "batching", "peers", "memory",
+)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +101,21 @@ def test_the_zoo_holds_real_architectures_whose_gradtap_gradients_are_eager_ones
         assert t["max_relative_error"] < 1e-3, t
         assert t["switches_per_call"] >= 0 and t["faults_per_call"] >= 0, t
     assert "| model | eager | engine in-process | end to end |" in run[1]
+
+
+def test_the_language_section_times_a_token_attribution_against_captum_on_gpt2(
+    run: tuple[dict[str, Any], str, str],
+) -> None:
+    language = run[0]["sections"]["language"]
+    names = [row["name"] for row in language["rows"]]
+    for method in ("input_x_gradient", "integrated_gradients"):
+        assert any(method in n and "Captum LLMGradientAttribution" in n for n in names)
+        served = next(
+            r for r in language["rows"] if method in r["name"] and "attribute_tokens" in r["name"]
+        )
+        assert served["ratio"]["to"] == "Captum"
+        assert served["max_relative_difference_vs_captum"] <= 1e-4
+    assert all("vocabulary 50,257" in n for n in names)
 
 
 def test_machine_and_command_are_recorded(run: tuple[dict[str, Any], str, str]) -> None:

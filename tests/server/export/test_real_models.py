@@ -1,17 +1,29 @@
 """Real architectures, one per family, exported by `gradtap export` and served: described in
 the user's words, and every output, activation and gradient equal to what the original
-Hugging Face module computes in-process."""
+module computes in-process. Hugging Face (text encoder, causal language models,
+encoder-decoder, vision, speech), a factory (python:MODULE:FACTORY), timm (through the bench's
+import shim where torchvision cannot load) and torchvision (skipped where it cannot load)."""
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from gradtap.client import Client, GradtapError, Objective, Target
+from gradtap.server import Settings, start
+from gradtap.server.export import Exported, ExportOptions, export
 from gradtap.server.export.huggingface import hf_model
 from torch import nn
+
+from bench.architectures import ARCHITECTURES, chosen, importable
+from bench.timm_shim import StandInUsed, import_timm, torchvision_error
 
 from ...cli.running import gradtap
 from .conftest import SEQUENCE, RealServed
@@ -239,3 +251,137 @@ def test_a_constant_keyword_input_is_fixed_at_export_and_never_sent(real: RealSe
     assert t5.fixed_inputs == {"use_cache": False}
     assert "use_cache" not in [s.name for s in t5.inputs]
     assert [r.type for r in t5.renamed] == ["transformers.modeling_outputs.Seq2SeqLMOutput"]
+
+
+# -- timm and torchvision models by name ---------------------------------------------------
+
+VISION = {
+    "timm": ("timm:regnety_002", "s2"),
+    "torchvision": ("torchvision:mobilenet_v3_small", "features.3"),
+}
+"""A small model of each vision library, and a module in its middle."""
+
+
+@contextmanager
+def timm_leaves_afterwards() -> Iterator[None]:
+    """timm, imported inside (through the shim where it must be), is forgotten afterwards: no
+    other test meets a timm that the shim imported."""
+    had = set(sys.modules)
+    try:
+        yield
+    finally:
+        for name in set(sys.modules) - had:
+            if name.split(".")[0] == "timm":
+                del sys.modules[name]
+
+
+@dataclass
+class VisionServed:
+    address: str
+    exported: Exported
+    target: str
+
+
+@pytest.fixture(scope="module", params=list(VISION))
+def vision(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The library's model exported by `gradtap export`'s code and served; timm through the
+    bench's import shim where torchvision cannot load (its stand-ins leave with the module);
+    skipped, with the import error as the reason, where the library cannot be imported."""
+    library = request.param
+    with timm_leaves_afterwards():
+        if library == "timm":
+            reason = importable("timm")
+        else:
+            reason = torchvision_error()
+            reason = reason and f"torchvision cannot be imported here ({reason})"
+        if reason:
+            pytest.skip(reason)
+        source, target = VISION[library]
+        exported = export(source, ExportOptions(input_shape=(3, 64, 64)))
+        repository = tmp_path_factory.mktemp(f"{library}-repository")
+        (repository / "vision.pt2").write_bytes(exported.data)
+        running = start(
+            "127.0.0.1:0", Settings(device="cpu", model_repository=repository, builtins=False)
+        )
+        try:
+            yield VisionServed(f"127.0.0.1:{running.port}", exported, target)
+        finally:
+            running.server.stop(None).wait()
+
+
+def test_a_timm_or_torchvision_model_is_served_described_and_matches_eager(
+    vision: VisionServed,
+) -> None:
+    with Client(vision.address, timeout=120) as c:
+        d = c.describe("vision")
+        assert [s.name for s in d.inputs] == ["x"] and d.inputs[0].dims[0] == "batch"
+        assert d.inputs[0].shape == (None, 3, 64, 64)
+        assert [s.name for s in d.outputs] == ["output"]
+        assert d.outputs[0].shape == (None, 1000) and d.outputs[0].dims[0] == "batch"
+        x = np.random.default_rng(4).standard_normal((2, 3, 64, 64)).astype(np.float32)
+        r = c.analyze(
+            "vision",
+            x,
+            Target(vision.target, capture="both"),
+            Objective.logit(7),
+            input_grads=True,
+            outputs=True,
+        )
+    module = vision.exported.module
+    kept: dict[str, torch.Tensor] = {}
+
+    def keep(_: nn.Module, __: Any, output: torch.Tensor) -> torch.Tensor:
+        output.retain_grad()
+        kept["value"] = output
+        return output.clone()  # what follows may change its input in place; this stays
+
+    handle = module.get_submodule(vision.target).register_forward_hook(keep)
+    inputs = torch.from_numpy(x).requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            logits = module(inputs)
+            logits[:, 7].sum().backward()
+    finally:
+        handle.remove()
+    value = kept["value"]
+    assert value.grad is not None and inputs.grad is not None
+    np.testing.assert_allclose(r.outputs[0], logits.detach().numpy(), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(r.activations[vision.target], value.detach(), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(r.gradients[vision.target], value.grad, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(r.input_grads[0], inputs.grad, rtol=RTOL, atol=ATOL)
+
+
+def test_without_torchvision_timm_runs_only_through_stand_ins_that_raise_when_used() -> None:
+    why = torchvision_error()
+    if not why:
+        pytest.skip("torchvision imports here: timm needs no stand-in")
+    with timm_leaves_afterwards():
+        timm = import_timm()
+        with pytest.raises(StandInUsed, match=r"torchvision\.transforms\.\w+ is, or is built on"):
+            timm.data.create_transform(32)
+        with pytest.raises(StandInUsed, match="stand-in for torchvision"):
+            timm.layers.create_norm.FrozenBatchNorm2d(4)
+        assert not [m for m in sys.modules if m.split(".")[0] == "torchvision"]
+        with pytest.raises(ImportError):
+            import torchvision  # noqa: F401
+
+
+def test_gradtap_export_names_why_timm_cannot_be_imported(tmp_path: Path) -> None:
+    if not torchvision_error():
+        pytest.skip("torchvision imports here, so timm imports without a stand-in")
+    done = gradtap("export", "timm:regnety_002", "--out", str(tmp_path / "r.pt2"))
+    assert done.returncode == 1
+    assert "timm: sources need timm, which cannot be imported here" in done.stderr
+    assert "torchvision" in done.stderr
+    assert not (tmp_path / "r.pt2").exists()
+
+
+def test_every_architecture_of_issue_10_is_built_here_as_itself_or_a_stated_equivalent() -> None:
+    assert len(ARCHITECTURES) == 18
+    assert {a.family for a in ARCHITECTURES} == {"torchvision", "timm", "huggingface"}
+    with timm_leaves_afterwards():
+        built = [(a, *chosen(a, "full")) for a in ARCHITECTURES]
+    for a, way, why in built:
+        assert way is not None, f"{a.name}: {why}"
+        assert way is a.ways[0] or way.about, f"{a.name}: an equivalent that says not how"
+        assert len(why) == a.ways.index(way), why  # a reason for each way passed over
