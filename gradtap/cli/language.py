@@ -85,12 +85,14 @@ def token_table(result: TokenAttributionResult) -> str:
     if result.continuation is None:
         heads, values = ["objective"], ["value"]
     else:
-        heads = [f"->{int(t)}" for t in result.continuation[:columns]]
+        named = result.continuation_tokens or [str(int(t)) for t in result.continuation]
+        heads = [f"->{name}" for name in named[:columns]]
         values = ["log p"]
     rows = [["POS", "PROMPT", *heads]]
     rows.append(["", values[0], *(_number(v) for v in result.values[:columns])])
-    for p, token in enumerate(result.prompt):
-        rows.append([str(p), str(int(token)), *(_number(s) for s in scores[:columns, p])])
+    prompt = result.prompt_tokens or [str(int(t)) for t in result.prompt]
+    for p, token in enumerate(prompt):
+        rows.append([str(p), token, *(_number(s) for s in scores[:columns, p])])
     shown = table(rows)
     if columns < scores.shape[0]:
         shown += f"\n(the first {columns} of {scores.shape[0]} continuation tokens; --out has all)"
@@ -106,7 +108,8 @@ def attribute_tokens(
         typer.Option(
             "--prompt",
             metavar="IDS",
-            help="The prompt's token ids: comma-separated (5,17,3) or an .npy file.",
+            help="The prompt's token ids: comma-separated (5,17,3) or an .npy file; with "
+            "--text, the prompt's text.",
             show_default=False,
         ),
     ],
@@ -116,10 +119,19 @@ def attribute_tokens(
             "--continuation",
             metavar="IDS",
             help="The continuation's token ids, each one's log-probability (given the tokens "
-            "before it) attributed to the prompt's tokens. Without one, --objective is.",
+            "before it) attributed to the prompt's tokens (with --text, its text). Without "
+            "one, --objective is.",
             show_default=False,
         ),
     ] = None,
+    text: Annotated[
+        bool,
+        typer.Option(
+            "--text",
+            help="Read --prompt and --continuation as text, which the server tokenizes with "
+            "the tokenizer the model's archive carries (`gradtap describe` says if it does).",
+        ),
+    ] = False,
     method: Annotated[
         TokenMethod, typer.Option("--method", help="The attribution method.")
     ] = TokenMethod.integrated_gradients,
@@ -193,9 +205,13 @@ def attribute_tokens(
     Example, with a language model served (see docs/language-models.md):
       gradtap attribute-tokens gpt2 --prompt 5,17,3,42 --continuation 9,11 \\
           --method integrated_gradients --n-steps 32 --out tokens.npz
+      gradtap attribute-tokens tiny-gpt2 --text --prompt "the capital of france is" \\
+          --continuation paris --plot tokens.png
     """
-    prompt_ids = token_ids(prompt, "--prompt")
-    continuation_ids = None if continuation is None else token_ids(continuation, "--continuation")
+    prompt_ids: str | np.ndarray = prompt if text else token_ids(prompt, "--prompt")
+    continuation_ids: str | np.ndarray | None = continuation
+    if continuation is not None and not text:
+        continuation_ids = token_ids(continuation, "--continuation")
     objective = None
     if objective_spec is not None:
         if continuation_ids is not None:

@@ -128,6 +128,26 @@ def test_attribute_tokens_prints_a_table_and_saves_what_the_client_returns(
     assert row.split() == ["3", "42", *(f"{v:.4g}" for v in expected.scores[:, 3])]
 
 
+def test_attribute_tokens_takes_text_and_shows_its_tokens(
+    lm_served: LanguageServed, lm_client: Client, tmp_path: Path
+) -> None:
+    # The small models' archives carry a word tokenizer: "t5" is token 5.
+    result = gradtap(
+        "attribute-tokens", "lm-llama", "--text", "--prompt", "t5 t17 t3 t42",
+        "--continuation", "t9 t11", "--method", "saliency", "--out", "t.npz",
+        "--address", lm_served.address, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    expected = lm_client.attribute_tokens("lm-llama", [5, 17, 3, 42], [9, 11], method="saliency")
+    with np.load(tmp_path / "t.npz") as saved:
+        np.testing.assert_array_equal(saved["prompt"], [5, 17, 3, 42])
+        np.testing.assert_allclose(saved["scores"], expected.scores, rtol=1e-5, atol=1e-7)
+    lines = result.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("POS"))
+    assert header.split() == ["POS", "PROMPT", "->t9", "->t11"]
+    assert next(line for line in lines if line.startswith("3 ")).split()[1] == "t42"
+
+
 def test_attribute_tokens_at_a_node_with_the_l2_norm(
     lm_served: LanguageServed, lm_client: Client, tmp_path: Path
 ) -> None:
