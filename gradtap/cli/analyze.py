@@ -128,6 +128,16 @@ def summary(result: Result, objective: Objective | None) -> str:
 def analyze(
     model: Model,
     inputs: Inputs = None,
+    texts: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--text",
+            metavar="TEXT",
+            help="Instead of --input, a row of text (repeat for several rows), which the server "
+            "tokenizes with the tokenizer the model's archive carries; the tokens are shown.",
+            show_default=False,
+        ),
+    ] = None,
     targets: Targets = None,
     objective_spec: ObjectiveSpec = None,
     objective_output: ObjectiveOutput = "0",
@@ -214,8 +224,12 @@ def analyze(
     checked_out(out)
     if plot is not None and not (targets or input_grads):
         usage("there is nothing to draw: give --input-grads or a --target", "--plot")
+    if texts and inputs:
+        usage("give --input files or --text rows, not both", "--text")
+    if texts and input_grads:
+        usage("token ids have no gradient: drop --input-grads with --text", "--input-grads")
     with connect(address, token, timeout) as client:
-        arrays = read_inputs(client, model, inputs, input_seed, digest, version)
+        arrays = None if texts else read_inputs(client, model, inputs, input_seed, digest, version)
         try:
             result = client.analyze(
                 model,
@@ -228,14 +242,18 @@ def analyze(
                 version=version,
                 digest=digest,
                 precision=precision.value,
+                texts=texts or None,
             )
         except ValueError as e:  # an input the wire cannot carry, e.g. complex or object arrays
             usage(str(e), "--input")
+    if result.tokens:
+        rows = [[str(i), " ".join(t for t in row if t)] for i, row in enumerate(result.tokens)]
+        typer.echo(table([["ROW", "TOKENS"], *rows]) + "\n")  # padding ("") left out
     typer.echo(summary(result, objective))
     if out is not None:
         typer.echo(f"\nwrote {save(result, out)} arrays to {out}")
     if plot is not None:
-        image = arrays[0] if 0 in result.input_grads else None
+        image = arrays[0] if arrays and 0 in result.input_grads else None
         try:
             written = result.plot(plot, image=image)
         except (ImportError, ValueError) as e:

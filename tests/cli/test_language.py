@@ -148,6 +148,34 @@ def test_attribute_tokens_takes_text_and_shows_its_tokens(
     assert next(line for line in lines if line.startswith("3 ")).split()[1] == "t42"
 
 
+def test_analyze_takes_rows_of_text_and_shows_their_tokens(
+    lm_served: LanguageServed, lm_client: Client, tmp_path: Path
+) -> None:
+    result = gradtap(
+        "analyze", "lm-gpt2", "--text", "t5 t17 t3", "--text", "t8 t23",
+        "--objective", "log_prob:17", "--position", "1", "--out", "a.npz",
+        "--address", lm_served.address, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    expected = lm_client.analyze(
+        "lm-gpt2", texts=["t5 t17 t3", "t8 t23"], objective=Objective.log_prob([17], [1])
+    )
+    with np.load(tmp_path / "a.npz") as saved:
+        np.testing.assert_allclose(saved["output/0"], expected.outputs[0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(saved["loss"], expected.loss, rtol=1e-5)
+    rows = result.stdout.split("ROW", 1)[1].splitlines()[1:3]
+    assert [row.split() for row in rows] == [["0", "t5", "t17", "t3"], ["1", "t8", "t23"]]
+
+
+def test_analyze_refuses_text_with_inputs(lm_served: LanguageServed, tmp_path: Path) -> None:
+    np.save(tmp_path / "x.npy", IDS)
+    result = gradtap(
+        "analyze", "lm-gpt2", "--text", "t5", "-i", "x.npy", "--address", lm_served.address,
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 2 and "--text" in result.stderr
+
+
 def test_attribute_tokens_at_a_node_with_the_l2_norm(
     lm_served: LanguageServed, lm_client: Client, tmp_path: Path
 ) -> None:
