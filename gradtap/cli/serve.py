@@ -210,6 +210,15 @@ def serve(
             help="The largest archive a LoadModel upload may carry; it is held in memory.",
         ),
     ] = 1 << 30,
+    max_archive_bytes: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            metavar="BYTES",
+            help="Refuse a model archive whose file is larger, or whose members would unpack "
+            "to more, before reading it (the model shows FAILED; the others are served).",
+        ),
+    ] = 8 << 30,
     otel: Annotated[
         bool,
         typer.Option(
@@ -276,6 +285,7 @@ def serve(
         model_control=model_control,
         model_control_insecure=model_control_insecure,
         max_upload_bytes=max_upload_bytes,
+        max_archive_bytes=max_archive_bytes,
         poll_repository=poll_repository,
         compute_threads=compute_threads,
     )
