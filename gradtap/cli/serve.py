@@ -118,6 +118,14 @@ def serve(
             help="The longest a call may take from its arrival, whatever the client's deadline.",
         ),
     ] = 300.0,
+    stall_seconds: Annotated[
+        float,
+        typer.Option(
+            metavar="SECONDS",
+            help="End a call whose client has read nothing of its results for this long, so "
+            "that its place and memory go to other callers (DEADLINE_EXCEEDED, READER_STALLED).",
+        ),
+    ] = 20.0,
     tls_cert: Annotated[
         Path | None,
         _file_option("PEM certificate chain: serve TLS (with --tls-key)."),
@@ -260,6 +268,8 @@ def serve(
         server.resolve_device(device.value)
         if not max_call_seconds > 0:
             raise ValueError("--max-call-seconds must be more than 0")
+        if not stall_seconds > 0:
+            raise ValueError("--stall-seconds must be more than 0")
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
@@ -272,6 +282,7 @@ def serve(
         max_concurrent_requests=max_concurrent_requests,
         max_queue=max_queue,
         max_call_seconds=max_call_seconds,
+        stall_seconds=stall_seconds,
         tls_cert=tls_cert,
         tls_key=tls_key,
         tls_client_ca=tls_client_ca,

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..errors import Cancelled
 from ..models.model import Model
-from .graph import ShouldStop, never
+from .graph import ShouldStop, add_checkpoints, never, watch
 
 INTEGRATION_METHODS = (
     "gausslegendre",
@@ -50,7 +50,8 @@ class ModelForward(nn.Module):
 
     `slots[j]` is the forward argument that feeds model input j, so the attributed input
     can come first (Captum's `inputs`) and the rest follow (its additional_forward_args).
-    Every call checks `should_stop`, so a cancelled call stops between Captum's batches.
+    Every call checks `should_stop`, before it and between the graph's operators, so a
+    cancelled or expired call stops within one layer even inside one of Captum's batches.
     """
 
     def __init__(
@@ -69,7 +70,11 @@ class ModelForward(nn.Module):
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
         if self._should_stop():
             raise Cancelled("the call was cancelled", reason="CANCELLED")
-        result = self.graph(*self._state, *(args[k] for k in self._slots))
+        watch(self._should_stop)
+        try:
+            result = self.graph(*self._state, *(args[k] for k in self._slots))
+        finally:
+            watch(None)
         assert isinstance(result, torch.Tensor)
         return result
 
@@ -122,6 +127,7 @@ def rewritten_graph(
             root[name] = nn.ReLU()
             result = module_call if result is node else result
     graph.output(result)
+    add_checkpoints(graph)
     return torch.fx.GraphModule(root, graph)
 
 

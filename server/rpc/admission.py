@@ -7,8 +7,10 @@ and the `grpc-retry-pushback-ms` trailer that gRPC's built-in retry policy honou
 and reflection are never limited.
 
 Every admitted call must finish within `max_call_seconds` of its arrival, whatever deadline
-the client set (or none): the engine stops through `deadline.time_limit`, and streams are cut
-between messages, with DEADLINE_EXCEEDED (reason CALL_TOO_LONG; see rpc/deadline.py).
+the client set (or none): the engine stops through `deadline.time_limit`, streams are cut
+between messages, and a call blocked anywhere else is cut by the `deadline.Watchdog`, with
+DEADLINE_EXCEEDED (reason CALL_TOO_LONG). A call whose reader took nothing for
+`stall_seconds` is cut too (READER_STALLED): its place goes to the next caller.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from grpc_status import rpc_status
 from gradtap.v1 import gradtap_pb2 as pb
 
 from ..errors import Cancelled, RequestError
-from .deadline import set_end, too_long
+from .deadline import Watchdog, set_end, too_long
 from .handlers import behaviour_of, same_kind
 from .observability import observe_queue
 from .status import ERROR_DOMAIN, status_for
@@ -125,7 +127,13 @@ class Admission(grpc.ServerInterceptor):  # type: ignore[misc]
     so that refused callers never take a place.
     """
 
-    def __init__(self, max_concurrent: int, max_queue: int, max_call_seconds: float) -> None:
+    def __init__(
+        self,
+        max_concurrent: int,
+        max_queue: int,
+        max_call_seconds: float,
+        stall_seconds: float = 20.0,
+    ) -> None:
         if max_concurrent < 1:
             raise ValueError("max_concurrent_requests must be at least 1")
         if max_queue < 0:
@@ -135,6 +143,7 @@ class Admission(grpc.ServerInterceptor):  # type: ignore[misc]
         self.max_concurrent = max_concurrent
         self.max_queue = max_queue
         self.max_call_seconds = max_call_seconds
+        self.watchdog = Watchdog(stall_seconds)
         self._lock = threading.Lock()
         self._running = 0
         self._waiting: deque[_Ticket] = deque()
@@ -179,12 +188,14 @@ class Admission(grpc.ServerInterceptor):  # type: ignore[misc]
             self._enter(context, ends)
             admitted = time.monotonic()
             set_end(ends)
+            watched = self.watchdog.watch(context, ends)
             try:
                 return behaviour(request, context)
             except Exception:
                 _no_retry(context)
                 raise
             finally:
+                self.watchdog.forget(watched)
                 set_end(None)
                 self._leave(admitted)
 
@@ -197,17 +208,21 @@ class Admission(grpc.ServerInterceptor):  # type: ignore[misc]
             self._enter(context, ends)
             admitted = time.monotonic()
             set_end(ends)
+            watched = self.watchdog.watch(context, ends)
             responses = None
             try:
                 responses = behaviour(request, context)
                 for response in responses:
                     if time.monotonic() >= ends:
                         _abort(context, status_for(too_long()))
+                    watched.sending()  # until gRPC has taken it, which a stalled reader stops
                     yield response
+                    watched.sent()
             except Exception:
                 _no_retry(context)
                 raise
             finally:
+                self.watchdog.forget(watched)
                 close = getattr(responses, "close", None)
                 if close is not None:
                     close()

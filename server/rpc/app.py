@@ -77,6 +77,8 @@ class Settings:
     max_concurrent_requests: int = 16
     max_queue: int = 32
     max_call_seconds: float = 300.0
+    # A call whose client reads nothing of its results for this long is ended (rpc/deadline.py).
+    stall_seconds: float = 20.0
     # Dynamic batching (engine/batching.py); max_batch_size 1 turns it off.
     max_batch_size: int = 16
     batch_timeout_us: int = 2000
@@ -105,7 +107,12 @@ def _interceptors(settings: Settings) -> list[grpc.ServerInterceptor]:
     if settings.auth_token_file is not None:
         chain.append(TokenAuth.from_file(settings.auth_token_file))
     chain.append(
-        Admission(settings.max_concurrent_requests, settings.max_queue, settings.max_call_seconds)
+        Admission(
+            settings.max_concurrent_requests,
+            settings.max_queue,
+            settings.max_call_seconds,
+            settings.stall_seconds,
+        )
     )
     return chain
 
