@@ -12,11 +12,13 @@ between messages, and a call blocked anywhere else is cut by the `deadline.Watch
 DEADLINE_EXCEEDED (reason CALL_TOO_LONG). A call whose reader took nothing for
 `stall_seconds` is cut too (READER_STALLED): its place goes to the next caller.
 
-A connection whose stream was cut for stalling is suspect for SUSPECT_STALLS stall bounds:
-its waiting calls are served after everyone else's, and one of them gives its place in a
-full queue to a caller from another connection (RESOURCE_EXHAUSTED, READER_STALLED). So a
-client that opens many streams and reads none (they all stall: HTTP/2 flow control is per
-connection too) holds other callers up for about one stall bound, not one per place.
+When a stream is cut for stalling, the calls of its connection waiting for a place are
+refused (RESOURCE_EXHAUSTED, READER_STALLED): HTTP/2 flow control is per connection too, so
+behind its unread data they would stall as well. The connection then stays suspect for
+SUSPECT_STALLS stall bounds: its waiting calls are served after everyone else's, and one
+of them gives its place in a full queue to a caller from another connection. So a client
+that opens many streams and reads none holds other callers up for about one stall bound,
+not one per place.
 """
 
 from __future__ import annotations
@@ -198,7 +200,7 @@ class Admission(grpc.ServerInterceptor):  # type: ignore[misc]
         self, behaviour: Callable[[Any, grpc.ServicerContext], Any], ends: float
     ) -> Callable[[Any, grpc.ServicerContext], Any]:
         def unary(request: Any, context: grpc.ServicerContext) -> Any:
-            self._enter(context, ends)
+            self._enter(context, ends, context.peer())
             admitted = time.monotonic()
             set_end(ends)
             watched = self.watchdog.watch(context, ends)
@@ -218,7 +220,8 @@ class Admission(grpc.ServerInterceptor):  # type: ignore[misc]
         self, behaviour: Callable[[Any, grpc.ServicerContext], Iterator[Any]], ends: float
     ) -> Callable[[Any, grpc.ServicerContext], Iterator[Any]]:
         def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            self._enter(context, ends)
+            peer = context.peer()  # once the call is cut, grpc no longer tells
+            self._enter(context, ends, peer)
             admitted = time.monotonic()
             set_end(ends)
             watched = self.watchdog.watch(context, ends)
@@ -241,16 +244,15 @@ class Admission(grpc.ServerInterceptor):  # type: ignore[misc]
                     close()
                 set_end(None)
                 if watched.cut_for == READER_STALLED:
-                    self._stalls(context.peer())
+                    self._stalls(peer)
                 self._leave(admitted)
 
         return stream
 
     # -- places -----------------------------------------------------------------------------
 
-    def _enter(self, context: grpc.ServicerContext, ends: float) -> None:
+    def _enter(self, context: grpc.ServicerContext, ends: float, peer: str) -> None:
         """Returns once the call holds a place; otherwise ends the call (abort raises)."""
-        peer = context.peer()
         with self._lock:
             if self._running < self.max_concurrent and not self._waiting:
                 self._running += 1
@@ -274,8 +276,8 @@ class Admission(grpc.ServerInterceptor):  # type: ignore[misc]
         if ticket.evicted:
             error = ResourceExhausted(
                 "another call on this connection read nothing of its results for "
-                f"{self.watchdog.stall_seconds:g} s, so this one gave its place in the queue "
-                "to a caller that reads; read the results of every call you start",
+                f"{self.watchdog.stall_seconds:g} s, so this one gave up its place in the "
+                f"queue ({READER_STALLED}); read the results of every call you start",
                 reason=READER_STALLED,
             )
         elif time.monotonic() >= ends:
@@ -313,12 +315,17 @@ class Admission(grpc.ServerInterceptor):  # type: ignore[misc]
         self._hand_on()
 
     def _stalls(self, peer: str) -> None:
-        """Notes that a stream of connection `peer` was cut for stalling."""
+        """Notes that a stream of connection `peer` was cut for stalling, and refuses the
+        connection's waiting calls: behind its unread data they would stall too."""
         now = time.monotonic()
         with self._lock:
             if len(self._stalled) > 1024:  # forget the connections no longer suspect
                 self._stalled = {p: t for p, t in self._stalled.items() if self._suspect(p, now)}
             self._stalled[peer] = now
+            for ticket in [t for t in self._waiting if t.peer == peer]:
+                self._waiting.remove(ticket)
+                ticket.evicted = True
+                ticket.wake.set()
 
     def _suspect(self, peer: str, now: float) -> bool:
         """Whether a stream of connection `peer` was cut for stalling lately (lock held)."""
