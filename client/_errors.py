@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import grpc
@@ -58,13 +59,19 @@ class GradtapError(Exception):
         return violations[0].field if violations else None
 
 
-def _details(metadata: object) -> ErrorDetails:
+_REASON_IN_MESSAGE = re.compile(r"\(([A-Z][A-Z0-9_]{2,63})\)$")
+
+
+def _details(metadata: object, message: str = "") -> ErrorDetails:
     raw = None
     for key, value in metadata or ():  # type: ignore[attr-defined]
         if key == _DETAILS_KEY:
             raw = value
     if raw is None:
-        return ErrorDetails()
+        # A call the server cut while blocked (a stalled reader) carries its reason only at
+        # the end of its message: the status details could not be sent behind unread data.
+        named = _REASON_IN_MESSAGE.search(message)
+        return ErrorDetails(named.group(1) if named else "")
     status = status_pb2.Status.FromString(raw)
     reason, domain, meta = "", "", {}
     violations: list[FieldViolation] = []
@@ -92,4 +99,4 @@ def from_rpc_error(error: grpc.RpcError) -> GradtapError:
     trailing = (
         error.trailing_metadata() if callable(getattr(error, "trailing_metadata", None)) else ()
     )
-    return GradtapError(code, details or "", _details(trailing))
+    return GradtapError(code, details or "", _details(trailing, details or ""))

@@ -40,8 +40,9 @@ class SharedRegion(Closing):
     Args:
         size: bytes; the result's tensors need their sizes, each rounded up to 64, plus 64.
             Memory is only spent as the server writes.
-        mode: file permissions. 0o600 (the default) lets only this user's processes open
-            it: the server must run as the same user.
+        mode: file permissions. The server uses only a region that no one but its owner
+            may read or write (0o600, the default, or stricter), so it must run as the
+            same user.
 
     Raises:
         OSError: this host has no /dev/shm (gradtap's shared memory needs Linux).

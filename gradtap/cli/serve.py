@@ -118,6 +118,14 @@ def serve(
             help="The longest a call may take from its arrival, whatever the client's deadline.",
         ),
     ] = 300.0,
+    stall_seconds: Annotated[
+        float,
+        typer.Option(
+            metavar="SECONDS",
+            help="End a call whose client has read nothing of its results for this long, so "
+            "that its place and memory go to other callers (DEADLINE_EXCEEDED, READER_STALLED).",
+        ),
+    ] = 20.0,
     tls_cert: Annotated[
         Path | None,
         _file_option("PEM certificate chain: serve TLS (with --tls-key)."),
@@ -210,6 +218,15 @@ def serve(
             help="The largest archive a LoadModel upload may carry; it is held in memory.",
         ),
     ] = 1 << 30,
+    max_archive_bytes: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            metavar="BYTES",
+            help="Refuse a model archive whose file is larger, or whose members would unpack "
+            "to more, before reading it (the model shows FAILED; the others are served).",
+        ),
+    ] = 8 << 30,
     otel: Annotated[
         bool,
         typer.Option(
@@ -251,6 +268,8 @@ def serve(
         server.resolve_device(device.value)
         if not max_call_seconds > 0:
             raise ValueError("--max-call-seconds must be more than 0")
+        if not stall_seconds > 0:
+            raise ValueError("--stall-seconds must be more than 0")
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
@@ -263,6 +282,7 @@ def serve(
         max_concurrent_requests=max_concurrent_requests,
         max_queue=max_queue,
         max_call_seconds=max_call_seconds,
+        stall_seconds=stall_seconds,
         tls_cert=tls_cert,
         tls_key=tls_key,
         tls_client_ca=tls_client_ca,
@@ -276,6 +296,7 @@ def serve(
         model_control=model_control,
         model_control_insecure=model_control_insecure,
         max_upload_bytes=max_upload_bytes,
+        max_archive_bytes=max_archive_bytes,
         poll_repository=poll_repository,
         compute_threads=compute_threads,
     )

@@ -1524,8 +1524,9 @@ class SharedMemoryRegion(_message.Message):
     any other size and never writes past it.
     """
     token: _builtins.bytes
-    """16 to 64 random bytes the client wrote at offset 0 of the region, proving that the
-    caller can read the region. Tensor bytes start at offset 64 or later.
+    """The 32 random bytes the client wrote at offset 0 of the region, all of them, proving
+    that the caller can read the region. The region must be open to its owner only (mode
+    0600). Tensor bytes start at offset 64 or later.
     """
     def __init__(
         self,

@@ -41,6 +41,15 @@ def _checkpoint() -> None:
         raise Cancelled("the call was cancelled", reason="CANCELLED")
 
 
+def add_checkpoints(graph: torch.fx.Graph) -> None:
+    """Puts a check after every operator of `graph` that stops it once the should_stop its
+    thread `watch`es says so: a cancelled or expired call stops within one layer."""
+    for node in list(graph.nodes):
+        if node.op == "call_function":
+            with graph.inserting_after(node):
+                graph.call_function(_checkpoint)
+
+
 def watch(should_stop: ShouldStop | None) -> None:
     """Sets the should_stop that variants run by this thread check between operators;
     None clears it."""
@@ -93,12 +102,7 @@ def _compiled(model: Model, captures: tuple[str, ...]) -> torch.fx.GraphModule:
     flat_outputs = graph.graph_copy(source, copied)
     assert isinstance(flat_outputs, (tuple, list))
     by_name = {old.name: new for old, new in copied.items()}
-    # Between every two operators, a check that the caller is still there: a cancelled
-    # or expired call stops within one layer of the forward pass.
-    for node in list(graph.nodes):
-        if node.op == "call_function":
-            with graph.inserting_after(node):
-                graph.call_function(_checkpoint)
+    add_checkpoints(graph)
     user_outputs = [flat_outputs[p] for p in model.output_positions]
     graph.output((*user_outputs, *(by_name[name] for name in captures)))
     return torch.fx.GraphModule(model.program.graph_module, graph)
@@ -121,10 +125,7 @@ def substituted(model: Model, node: str, captures: tuple[str, ...] = ()) -> torc
     with graph.inserting_after(last_input):
         value = graph.placeholder("gradtap_substitute")
     by_name[node].replace_all_uses_with(value)
-    for n in list(graph.nodes):
-        if n.op == "call_function":
-            with graph.inserting_after(n):
-                graph.call_function(_checkpoint)
+    add_checkpoints(graph)
     replaced = by_name[node]
     user_outputs = [
         value if flat_outputs[p] is replaced else flat_outputs[p] for p in model.output_positions

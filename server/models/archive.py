@@ -14,6 +14,7 @@ import math
 import operator
 import re
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -148,9 +149,23 @@ def _walk_expr_strings(obj: Any) -> Iterator[str]:
             yield from _walk_expr_strings(value)
 
 
-def _check_payload_config(raw: bytes, what: str) -> None:
-    config = json.loads(raw)
-    for fqn, meta in config.get("config", {}).items():
+def _json_object(archive: zipfile.ZipFile, name: str) -> dict[str, Any]:
+    """An archive member that must hold a JSON object."""
+    shown = name.split("/", 1)[-1]
+    try:
+        document = json.loads(archive.read(name))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ModelLoadError(f"{shown} is not valid JSON: {str(e)[:200]}") from None
+    if not isinstance(document, dict):
+        raise ModelLoadError(f"{shown} must hold a JSON object, not {type(document).__name__}")
+    return document
+
+
+def _check_payload_config(config: dict[str, Any], what: str) -> None:
+    entries = config.get("config", {})
+    if not isinstance(entries, dict) or not all(isinstance(m, dict) for m in entries.values()):
+        raise ModelLoadError(f"the {what}s' config must map names to JSON objects")
+    for fqn, meta in entries.items():
         if meta.get("use_pickle"):
             raise ModelLoadError(f"{what} {fqn!r} is pickled; only raw tensors are accepted")
         path = str(meta.get("path_name", ""))
@@ -184,9 +199,9 @@ def _sanitized_archive(data: bytes) -> tuple[bytes, list[Renamed]]:
     for config, what in ((weights_config, "weight"), (constants_config, "constant")):
         if config not in names:
             raise ModelLoadError(f"missing {config[len(root) + 1 :]}")
-        _check_payload_config(archive.read(config), what)
+        _check_payload_config(_json_object(archive, config), what)
 
-    program = json.loads(archive.read(f"{root}/models/model.json"))
+    program = _json_object(archive, f"{root}/models/model.json")
     for expr in _walk_expr_strings(program):
         _check_sym_expr(expr)
     # Guards are Python source that torch would compile into ExportedProgram.module(); the
@@ -311,11 +326,8 @@ def archive_options(data: bytes) -> dict[str, Any]:
     names = [n for n in archive.namelist() if n.endswith(f"/extra/{OPTIONS_FILE}")]
     if not names:
         return {}
-    try:
-        options = json.loads(archive.read(names[0]))
-    except ValueError as e:
-        raise ModelLoadError(f"extra/{OPTIONS_FILE} is not valid JSON") from e
-    if not isinstance(options, dict) or not set(options) <= {"batching", "dims", "padding"}:
+    options = _json_object(archive, names[0])
+    if not set(options) <= {"batching", "dims", "padding"}:
         raise ModelLoadError(f"extra/{OPTIONS_FILE} may only set: batching, dims, padding")
     if not isinstance(options.get("batching", True), bool):
         raise ModelLoadError(f"extra/{OPTIONS_FILE}: batching must be true or false")
@@ -349,9 +361,18 @@ class Archive:
 def read_archive(data: bytes) -> Archive:
     """Loads a torch.export archive's bytes without unpickling, importing or evaluating
     anything in it."""
-    options = archive_options(data)
-    tokenizer_json = _extra_text(data, "tokenizer.json")
-    sanitized, renamed = _sanitized_archive(data)
+    try:
+        options = archive_options(data)
+        tokenizer_json = _extra_text(data, "tokenizer.json")
+        sanitized, renamed = _sanitized_archive(data)
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as e:
+        # a member's CRC or compressed stream is wrong, or its compression is unknown
+        raise ModelLoadError(f"the archive is corrupt: {str(e)[:200]}") from None
+    except (TypeError, AttributeError, KeyError, IndexError, ValueError, RecursionError) as e:
+        raise ModelLoadError(
+            f"the archive's JSON has a member of the wrong type or shape: "
+            f"{type(e).__name__}: {str(e)[:200]}"
+        ) from None
     with _TorchLoadErrors() as errors:
         try:
             program = torch.export.load(io.BytesIO(sanitized))

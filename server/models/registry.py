@@ -45,9 +45,7 @@ from .versions import (
     valid_name,
     valid_version,
 )
-from .versions import (
-    MODEL_NAME as MODEL_NAME,
-)
+from .versions import MODEL_NAME as MODEL_NAME
 
 log = logging.getLogger(__name__)
 
@@ -339,6 +337,14 @@ class Registry:
         self._changed(name)
         log.info("model %s version %s is READY (%s, %s)", name, version, source, model.digest)
         return model
+
+    def refuse(self, name: str, version: str, source: str, reason: str) -> None:
+        """Marks a version FAILED whose archive was refused before its bytes were read (too
+        large, a link out of the repository); a READY one keeps serving. LoadFailed: built in."""
+        with self._loading:
+            before = self._begin(name, version, source)
+            self._fail(name, version, source, reason, before, keep_failure=True)
+        self._changed(name)
 
     def _next_version(self, name: str) -> str:
         """One past the highest numeric version of `name`; "1" for a new model."""

@@ -10,6 +10,13 @@ skipped with a log line, and so is a NAME.pt2 beside a NAME/1.pt2, which wins. A
 a built-in model's version "1" are refused. Each poll notices archives added, changed (size
 or mtime first, then the content's SHA-256) and removed; a file is read again only when it
 changed, so a broken archive is reported once, not on every poll.
+
+No archive stops the server: one that cannot be read or loaded is logged with its cause and
+its version shows FAILED with the reason. A file is checked before it is read whole
+(`read_file`): a symbolic link must resolve to a file inside the repository, the file must
+be a plain file of at most `max_archive_bytes`, and its zip directory must declare no more
+than that many bytes unpacked (and no member a zip bomb); then at most that many bytes are
+read.
 """
 
 from __future__ import annotations
@@ -17,18 +24,21 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import stat
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import NotFound
+from ..errors import ModelLoadError, NotFound
 from .registry import Registry
-from .versions import DEFAULT_VERSION, LoadFailed, valid_name, valid_version
+from .versions import DEFAULT_VERSION, LoadFailed, unpacked_size, valid_name, valid_version
 
 log = logging.getLogger(__name__)
 
 SUFFIX = ".pt2"
 SOURCE = "repository"
+MAX_ARCHIVE_BYTES = 8 << 30
+"""The default cap on an archive's file size and on its members' declared unpacked size."""
 
 Key = tuple[str, str]
 """(model name, version)."""
@@ -48,16 +58,16 @@ def scan(directory: Path) -> dict[Key, Path]:
     flat: dict[Key, Path] = {}
     nested: dict[Key, Path] = {}
     for entry in sorted(os.scandir(directory), key=lambda e: e.name):
-        if entry.name.endswith(SUFFIX) and entry.is_file():
+        if entry.name.endswith(SUFFIX) and (entry.is_file() or entry.is_symlink()):
             name = entry.name[: -len(SUFFIX)]
             if valid_name(name):
                 flat[(name, DEFAULT_VERSION)] = Path(entry.path)
             else:
                 log.error("skipping %s: not a valid model name", entry.name[:200])
-        elif entry.is_dir(follow_symlinks=False) and valid_name(entry.name):
+        elif entry.is_dir() and valid_name(entry.name):
             for file in sorted(os.scandir(entry.path), key=lambda e: e.name):
                 version = file.name[: -len(SUFFIX)]
-                if not file.name.endswith(SUFFIX) or not file.is_file():
+                if not file.name.endswith(SUFFIX) or not (file.is_file() or file.is_symlink()):
                     continue
                 if valid_version(version):
                     nested[(entry.name, version)] = Path(file.path)
@@ -68,12 +78,51 @@ def scan(directory: Path) -> dict[Key, Path]:
     return {**flat, **nested}
 
 
+def read_file(path: Path, root: Path, limit: int) -> tuple[bytes, os.stat_result]:
+    """An archive file's bytes and what it was, checked before it is read whole.
+
+    Raises:
+        ModelLoadError: a link resolving out of `root`, not a plain file, a file larger than
+            `limit`, or not a zip archive, or one declaring more than `limit` bytes unpacked
+            or a member expanding too much (versions.unpacked_size).
+        OSError: the file could not be opened or read.
+    """
+    try:
+        target = path.resolve(strict=True)
+    except RuntimeError:  # Python before 3.13 raises this for a loop of links
+        raise ModelLoadError("a loop of symbolic links") from None
+    if not target.is_relative_to(root.resolve(strict=True)):
+        raise ModelLoadError(
+            "a symbolic link leading out of the model repository; the server follows only "
+            "links to files inside it (copy or mount the archive there)"
+        )
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    with os.fdopen(os.open(target, flags), "rb") as file:
+        info = os.fstat(file.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise ModelLoadError("not a plain file")
+        if info.st_size > limit:
+            raise ModelLoadError(
+                f"the file is {info.st_size} bytes, over the limit of {limit} (gradtap serve "
+                "--max-archive-bytes)"
+            )
+        unpacked_size(file, limit)  # reads the zip's directory, never a member
+        file.seek(0)
+        data = file.read(limit + 1)
+    if len(data) > limit:
+        raise ModelLoadError(f"the file grew past {limit} bytes while it was read")
+    return data, info
+
+
 class Repository:
     """Loads a repository's archives into a registry, and keeps them in step with the files."""
 
-    def __init__(self, registry: Registry, directory: Path) -> None:
+    def __init__(
+        self, registry: Registry, directory: Path, max_archive_bytes: int = MAX_ARCHIVE_BYTES
+    ) -> None:
         self.registry = registry
         self.directory = directory
+        self.max_archive_bytes = max_archive_bytes
         self._stamps: dict[Key, Stamp] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -91,13 +140,13 @@ class Repository:
             failed = []
             for key, path in found.items():
                 try:
-                    stat = path.stat()
+                    seen = path.stat()
                 except OSError:
                     continue  # removed since the scan: the next poll sees it gone
                 known = self._stamps.get(key)
                 if known is not None and (known.size, known.mtime_ns) == (
-                    stat.st_size,
-                    stat.st_mtime_ns,
+                    seen.st_size,
+                    seen.st_mtime_ns,
                 ):
                     continue
                 if self._read_and_load(key, path, known):
@@ -144,17 +193,26 @@ class Repository:
         """Reads and loads one archive (unless its content is what was loaded before);
         returns why it failed, or ""."""
         try:
-            stat = path.stat()
-            data = path.read_bytes()
-        except OSError as e:
-            return f"cannot read it: {e.strerror}"
+            data, info = read_file(path, self.directory, self.max_archive_bytes)
+        except (OSError, ModelLoadError) as e:
+            reason = f"cannot read it: {e.strerror}" if isinstance(e, OSError) else str(e)
+            try:
+                seen = path.stat()  # read again once it changes
+                self._stamps[key] = Stamp(seen.st_size, seen.st_mtime_ns, "")
+            except OSError:
+                self._stamps.pop(key, None)
+            try:
+                self.registry.refuse(key[0], key[1], SOURCE, reason)
+            except LoadFailed as refused:
+                return refused.reason
+            return reason
         digest = hashlib.sha256(data).hexdigest()
-        stamp = Stamp(stat.st_size, stat.st_mtime_ns, digest)
+        stamp = Stamp(info.st_size, info.st_mtime_ns, digest)
         self._stamps[key] = stamp
         if known is not None and known.sha256 == digest:
             return ""  # touched, not changed
         try:
-            self.registry.load(key[0], key[1], data, SOURCE)
+            self.registry.load(key[0], key[1], data, SOURCE, max_unpacked=self.max_archive_bytes)
         except LoadFailed as e:
             return e.reason
         return ""
@@ -186,6 +244,8 @@ def _shown(key: Key) -> str:
     return name if version == DEFAULT_VERSION else f"{name}/{version}"
 
 
-def load_repository(registry: Registry, directory: Path) -> list[str]:
+def load_repository(
+    registry: Registry, directory: Path, max_archive_bytes: int = MAX_ARCHIVE_BYTES
+) -> list[str]:
     """Loads every archive of the repository once; returns those it refused."""
-    return Repository(registry, directory).load_all()
+    return Repository(registry, directory, max_archive_bytes).load_all()

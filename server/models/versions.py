@@ -10,6 +10,7 @@ import re
 import zipfile
 from dataclasses import dataclass
 from traceback import format_exception
+from typing import BinaryIO
 
 from ..errors import ModelLoadError, RequestError
 
@@ -92,15 +93,18 @@ class LoadFailed(ModelLoadError):
         self.cause = cause
 
 
-def unpacked_size(data: bytes | bytearray, limit: int | None = None) -> int:
+def unpacked_size(data: bytes | bytearray | BinaryIO, limit: int | None = None) -> int:
     """The bytes an archive's members expand to: the estimate of what loading it takes.
 
-    Raises ModelLoadError for what is not a zip archive, and for a zip bomb: past `limit`
-    bytes in all, or a member that expands more than BOMB_RATIO times.
+    Only the zip's central directory is read (the declared sizes), never a member, so a
+    file can be checked before it is read whole. Raises ModelLoadError for what is not a zip
+    archive, and for a zip bomb: past `limit` bytes in all, or a member that expands more
+    than BOMB_RATIO times.
     """
+    file = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
     try:
-        members = zipfile.ZipFile(io.BytesIO(data)).infolist()
-    except zipfile.BadZipFile as e:
+        members = zipfile.ZipFile(file).infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError) as e:
         raise ModelLoadError("not a zip archive (torch.export.save writes one)") from e
     total = 0
     for info in members:
@@ -110,9 +114,12 @@ def unpacked_size(data: bytes | bytearray, limit: int | None = None) -> int:
                 f"archive member {info.filename[:80]!r} expands {info.file_size} bytes from "
                 f"{info.compress_size}: more than {BOMB_RATIO} times"
             )
-    if limit is not None and total > limit:
-        raise ModelLoadError(f"the archive expands to {total} bytes, over the limit of {limit}")
-    return max(total, len(data))
+        if limit is not None and total > limit:
+            raise ModelLoadError(
+                f"the archive expands past {limit} bytes: over the limit (gradtap serve "
+                "--max-archive-bytes; for uploads, 4 times --max-upload-bytes at most)"
+            )
+    return max(total, file.seek(0, io.SEEK_END))
 
 
 def load_failure(error: Exception) -> LoadFailed:

@@ -7,8 +7,18 @@ and the `grpc-retry-pushback-ms` trailer that gRPC's built-in retry policy honou
 and reflection are never limited.
 
 Every admitted call must finish within `max_call_seconds` of its arrival, whatever deadline
-the client set (or none): the engine stops through `deadline.time_limit`, and streams are cut
-between messages, with DEADLINE_EXCEEDED (reason CALL_TOO_LONG; see rpc/deadline.py).
+the client set (or none): the engine stops through `deadline.time_limit`, streams are cut
+between messages, and a call blocked anywhere else is cut by the `deadline.Watchdog`, with
+DEADLINE_EXCEEDED (reason CALL_TOO_LONG). A call whose reader took nothing for
+`stall_seconds` is cut too (READER_STALLED): its place goes to the next caller.
+
+When a stream is cut for stalling, the calls of its connection waiting for a place are
+refused (RESOURCE_EXHAUSTED, READER_STALLED): HTTP/2 flow control is per connection too, so
+behind its unread data they would stall as well. The connection then stays suspect for
+SUSPECT_STALLS stall bounds: its waiting calls are served after everyone else's, and one
+of them gives its place in a full queue to a caller from another connection. So a client
+that opens many streams and reads none holds other callers up for about one stall bound,
+not one per place.
 """
 
 from __future__ import annotations
@@ -28,8 +38,8 @@ from grpc_status import rpc_status
 
 from gradtap.v1 import gradtap_pb2 as pb
 
-from ..errors import Cancelled, RequestError
-from .deadline import set_end, too_long
+from ..errors import Cancelled, RequestError, ResourceExhausted
+from .deadline import READER_STALLED, Watchdog, set_end, too_long
 from .handlers import behaviour_of, same_kind
 from .observability import observe_queue
 from .status import ERROR_DOMAIN, status_for
@@ -47,6 +57,8 @@ _MIN_RETRY_DELAY = 0.1
 _MAX_RETRY_DELAY = 10.0
 _FIRST_GUESS = 1.0
 _DEADLINE_SLACK = 1.0
+SUSPECT_STALLS = 10
+"""A connection stays suspect for this many stall bounds after a stream of it stalled."""
 """The mean call duration assumed before any call has ended, in seconds."""
 
 
@@ -114,6 +126,9 @@ class _Ticket:
 
     wake: threading.Event = field(default_factory=threading.Event)
     granted: bool = False
+    peer: str = ""
+    evicted: bool = False
+    """Taken out of a full queue for a caller from a connection that reads its results."""
 
 
 class Admission(grpc.ServerInterceptor):  # type: ignore[misc]
@@ -125,7 +140,13 @@ class Admission(grpc.ServerInterceptor):  # type: ignore[misc]
     so that refused callers never take a place.
     """
 
-    def __init__(self, max_concurrent: int, max_queue: int, max_call_seconds: float) -> None:
+    def __init__(
+        self,
+        max_concurrent: int,
+        max_queue: int,
+        max_call_seconds: float,
+        stall_seconds: float = 20.0,
+    ) -> None:
         if max_concurrent < 1:
             raise ValueError("max_concurrent_requests must be at least 1")
         if max_queue < 0:
@@ -135,6 +156,9 @@ class Admission(grpc.ServerInterceptor):  # type: ignore[misc]
         self.max_concurrent = max_concurrent
         self.max_queue = max_queue
         self.max_call_seconds = max_call_seconds
+        self.watchdog = Watchdog(stall_seconds)
+        self._stalled: dict[str, float] = {}
+        """Connection (peer) -> when a stream of it was last cut for stalling."""
         self._lock = threading.Lock()
         self._running = 0
         self._waiting: deque[_Ticket] = deque()
@@ -176,15 +200,17 @@ class Admission(grpc.ServerInterceptor):  # type: ignore[misc]
         self, behaviour: Callable[[Any, grpc.ServicerContext], Any], ends: float
     ) -> Callable[[Any, grpc.ServicerContext], Any]:
         def unary(request: Any, context: grpc.ServicerContext) -> Any:
-            self._enter(context, ends)
+            self._enter(context, ends, context.peer())
             admitted = time.monotonic()
             set_end(ends)
+            watched = self.watchdog.watch(context, ends)
             try:
                 return behaviour(request, context)
             except Exception:
                 _no_retry(context)
                 raise
             finally:
+                self.watchdog.forget(watched)
                 set_end(None)
                 self._leave(admitted)
 
@@ -194,43 +220,50 @@ class Admission(grpc.ServerInterceptor):  # type: ignore[misc]
         self, behaviour: Callable[[Any, grpc.ServicerContext], Iterator[Any]], ends: float
     ) -> Callable[[Any, grpc.ServicerContext], Iterator[Any]]:
         def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            self._enter(context, ends)
+            peer = context.peer()  # once the call is cut, grpc no longer tells
+            self._enter(context, ends, peer)
             admitted = time.monotonic()
             set_end(ends)
+            watched = self.watchdog.watch(context, ends)
             responses = None
             try:
                 responses = behaviour(request, context)
                 for response in responses:
                     if time.monotonic() >= ends:
                         _abort(context, status_for(too_long()))
+                    watched.sending()  # until gRPC has taken it, which a stalled reader stops
                     yield response
+                    watched.sent()
             except Exception:
                 _no_retry(context)
                 raise
             finally:
+                self.watchdog.forget(watched)
                 close = getattr(responses, "close", None)
                 if close is not None:
                     close()
                 set_end(None)
+                if watched.cut_for == READER_STALLED:
+                    self._stalls(peer)
                 self._leave(admitted)
 
         return stream
 
     # -- places -----------------------------------------------------------------------------
 
-    def _enter(self, context: grpc.ServicerContext, ends: float) -> None:
+    def _enter(self, context: grpc.ServicerContext, ends: float, peer: str) -> None:
         """Returns once the call holds a place; otherwise ends the call (abort raises)."""
         with self._lock:
             if self._running < self.max_concurrent and not self._waiting:
                 self._running += 1
                 return
-            if len(self._waiting) >= self.max_queue:
+            ticket = _Ticket(peer=peer)
+            full = len(self._waiting) >= self.max_queue and not self._evict_for(peer)
+            if full:
                 delay = self.retry_delay()
-                ticket = None
             else:
-                ticket = _Ticket()
                 self._waiting.append(ticket)
-        if ticket is None:
+        if full:
             _abort(context, overloaded_status(delay, self.max_concurrent, self.max_queue))
         started = time.monotonic()
         try:
@@ -240,7 +273,14 @@ class Admission(grpc.ServerInterceptor):  # type: ignore[misc]
         if admitted:
             return
         error: RequestError
-        if time.monotonic() >= ends:
+        if ticket.evicted:
+            error = ResourceExhausted(
+                "another call on this connection read nothing of its results for "
+                f"{self.watchdog.stall_seconds:g} s, so this one gave up its place in the "
+                f"queue ({READER_STALLED}); read the results of every call you start",
+                reason=READER_STALLED,
+            )
+        elif time.monotonic() >= ends:
             error = too_long()
         else:  # the caller went away or its own deadline passed: nobody reads this status
             error = Cancelled("the call ended while it waited for a place", reason="CANCELLED")
@@ -259,7 +299,8 @@ class Admission(grpc.ServerInterceptor):  # type: ignore[misc]
             ticket.wake.wait(max(0.0, timeout))
         with self._lock:
             if not ticket.granted:
-                self._waiting.remove(ticket)
+                if not ticket.evicted:
+                    self._waiting.remove(ticket)
                 return False
         if context.is_active():
             return True
@@ -273,11 +314,48 @@ class Admission(grpc.ServerInterceptor):  # type: ignore[misc]
             self._mean_seconds = seconds if mean is None else 0.8 * mean + 0.2 * seconds
         self._hand_on()
 
+    def _stalls(self, peer: str) -> None:
+        """Notes that a stream of connection `peer` was cut for stalling, and refuses the
+        connection's waiting calls: behind its unread data they would stall too."""
+        now = time.monotonic()
+        with self._lock:
+            if len(self._stalled) > 1024:  # forget the connections no longer suspect
+                self._stalled = {p: t for p, t in self._stalled.items() if self._suspect(p, now)}
+            self._stalled[peer] = now
+            for ticket in [t for t in self._waiting if t.peer == peer]:
+                self._waiting.remove(ticket)
+                ticket.evicted = True
+                ticket.wake.set()
+
+    def _suspect(self, peer: str, now: float) -> bool:
+        """Whether a stream of connection `peer` was cut for stalling lately (lock held)."""
+        since = self._stalled.get(peer)
+        return since is not None and now - since <= SUSPECT_STALLS * self.watchdog.stall_seconds
+
+    def _evict_for(self, peer: str) -> bool:
+        """Makes room in the full queue for a call from `peer`, unless it is suspect, by
+        taking out the last waiting call of a suspect connection (lock held)."""
+        now = time.monotonic()
+        if self._suspect(peer, now):
+            return False
+        evicted = next((t for t in reversed(self._waiting) if self._suspect(t.peer, now)), None)
+        if evicted is None:
+            return False
+        self._waiting.remove(evicted)
+        evicted.evicted = True
+        evicted.wake.set()
+        return True
+
     def _hand_on(self) -> None:
-        """Gives up a place: to the first waiting call, or back to the pool."""
+        """Gives up a place: to the first waiting call of a connection that is not suspect,
+        else to the first waiting call, or back to the pool."""
         with self._lock:
             if self._waiting:
-                ticket = self._waiting.popleft()
+                now = time.monotonic()
+                ticket = next(
+                    (t for t in self._waiting if not self._suspect(t.peer, now)), self._waiting[0]
+                )
+                self._waiting.remove(ticket)
                 ticket.granted = True
                 ticket.wake.set()
             else:

@@ -24,7 +24,7 @@ from ..engine.batching import Batcher
 from ..engine.compute import Compute, default_threads
 from ..models.model import Model
 from ..models.registry import Registry
-from ..models.repository import Repository
+from ..models.repository import MAX_ARCHIVE_BYTES, Repository
 from ..models.versions import State
 from ..models.zoo import load_builtins
 from ..wire import shm
@@ -77,6 +77,8 @@ class Settings:
     max_concurrent_requests: int = 16
     max_queue: int = 32
     max_call_seconds: float = 300.0
+    # A call whose client reads nothing of its results for this long is ended (rpc/deadline.py).
+    stall_seconds: float = 20.0
     # Dynamic batching (engine/batching.py); max_batch_size 1 turns it off.
     max_batch_size: int = 16
     batch_timeout_us: int = 2000
@@ -87,6 +89,8 @@ class Settings:
     model_control: bool = False
     model_control_insecure: bool = False
     max_upload_bytes: int = 1 << 30
+    # The most bytes an archive's file may hold, and its members declare unpacked.
+    max_archive_bytes: int = MAX_ARCHIVE_BYTES
     # Watch the model repository every this many seconds (None: read it once, at start).
     poll_repository: float | None = None
     # Threads that run the engine's computations (engine/compute.py); None: as many as the
@@ -103,7 +107,12 @@ def _interceptors(settings: Settings) -> list[grpc.ServerInterceptor]:
     if settings.auth_token_file is not None:
         chain.append(TokenAuth.from_file(settings.auth_token_file))
     chain.append(
-        Admission(settings.max_concurrent_requests, settings.max_queue, settings.max_call_seconds)
+        Admission(
+            settings.max_concurrent_requests,
+            settings.max_queue,
+            settings.max_call_seconds,
+            settings.stall_seconds,
+        )
     )
     return chain
 
@@ -259,7 +268,7 @@ def start(
 
     registry.on_retired = retired
     repository = (
-        Repository(registry, settings.model_repository)
+        Repository(registry, settings.model_repository, settings.max_archive_bytes)
         if settings.model_repository is not None
         else None
     )
@@ -276,7 +285,9 @@ def start(
     add_to_server(servicer, server)
     services = [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME]
     if settings.model_control:
-        control = ModelServicer(registry, repository, settings.max_upload_bytes)
+        control = ModelServicer(
+            registry, repository, settings.max_upload_bytes, settings.max_archive_bytes
+        )
         add_service(control, server, CONTROL_SERVICE)
         services.append(CONTROL_SERVICE.full_name)
     health_servicer = health.HealthServicer()

@@ -15,25 +15,31 @@ from gradtap.v1 import model_service_pb2 as ms
 
 from ..errors import FailedPrecondition, InvalidArgument
 from ..models.registry import Registry
-from ..models.repository import Repository
+from ..models.repository import MAX_ARCHIVE_BYTES, Repository
 from ..models.versions import LoadFailed
 from ..wire import control
 from .observability import audit
 from .status import status_mapped
 
 UNPACKED_PER_UPLOADED = 4
-"""An upload may expand to at most this many times --max-upload-bytes (a zip-bomb cap)."""
+"""An upload may expand to at most this many times --max-upload-bytes (a zip-bomb cap), and
+never past --max-archive-bytes."""
 
 
 class ModelServicer:
     """Implements gradtap.v1.ModelService over the registry and the model repository."""
 
     def __init__(
-        self, registry: Registry, repository: Repository | None, max_upload_bytes: int
+        self,
+        registry: Registry,
+        repository: Repository | None,
+        max_upload_bytes: int,
+        max_archive_bytes: int = MAX_ARCHIVE_BYTES,
     ) -> None:
         self.registry = registry
         self.repository = repository
         self.max_upload_bytes = max_upload_bytes
+        self.max_unpacked = min(UNPACKED_PER_UPLOADED * max_upload_bytes, max_archive_bytes)
 
     @status_mapped
     def LoadModel(
@@ -53,7 +59,7 @@ class ModelServicer:
                 upload.data,
                 "upload",
                 keep_failure=False,
-                max_unpacked=UNPACKED_PER_UPLOADED * self.max_upload_bytes,
+                max_unpacked=self.max_unpacked,
             )
         except LoadFailed as e:
             audit(outcome=f"refused: {e.reason}")

@@ -10,7 +10,7 @@ import contextlib
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -96,14 +96,15 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
     def AnalyzeMany(
         self, items: Iterator[pb.AnalyzeManyRequest], context: grpc.ServicerContext
     ) -> Iterator[Any]:  # messages, or pre-encoded chunk messages (bytes)
-        with contextlib.ExitStack() as holding:  # the first item's model, for every item
-            yield from self._many(items, context, holding)
+        # the first item's model, held for every item
+        with contextlib.ExitStack() as holding, deadline.time_limit(context) as should_stop:
+            yield from self._many(items, holding, should_stop)
 
     def _many(
         self,
         items: Iterator[pb.AnalyzeManyRequest],
-        context: grpc.ServicerContext,
         holding: contextlib.ExitStack,
+        should_stop: Callable[[], bool],
     ) -> Iterator[Any]:
         stream_started = time.perf_counter()
         omit = False
@@ -123,9 +124,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
                     request, model, self.limits, aggregate=aggregator is not None
                 )
                 decoded = time.perf_counter()
-                outcome = self.engine.analyze(
-                    model, analysis, should_stop=lambda: not context.is_active()
-                )
+                outcome = self.engine.analyze(model, analysis, should_stop=should_stop)
                 if aggregator is not None:
                     self.engine.compute.run(aggregator.add, analysis, outcome)
             device, precision = outcome.device, outcome.precision
@@ -144,9 +143,10 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         started = time.perf_counter()
         with requests.model(self.registry, request.model) as model:
             attribution = requests.attribution(request, model, self.limits)
-            outcome = self.engine.compute.run(
-                attribute, self.engine.device, model, attribution, lambda: not context.is_active()
-            )
+            with deadline.time_limit(context) as should_stop:
+                outcome = self.engine.compute.run(
+                    attribute, self.engine.device, model, attribution, should_stop
+                )
             yield from responses.attribute_stream(outcome, model, self.replica, started)
 
     @status_mapped
@@ -156,12 +156,11 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         started = time.perf_counter()
         with requests.model(self.registry, request.model) as model:
             perturbation = requests.perturbation(request, model, self.limits)
-            steps = perturb(
-                self.engine, model, perturbation, should_stop=lambda: not context.is_active()
-            )
-            # each step on a compute thread, other calls' computations in between
-            steps = self.engine.compute.iterate(steps)
-            yield from responses.perturb_stream(steps, model, self.replica, started)
+            with deadline.time_limit(context) as should_stop:
+                steps = perturb(self.engine, model, perturbation, should_stop=should_stop)
+                # each step on a compute thread, other calls' computations in between
+                steps = self.engine.compute.iterate(steps)
+                yield from responses.perturb_stream(steps, model, self.replica, started)
 
     @status_mapped
     def AttributeTokens(

@@ -6,8 +6,10 @@ Security comes first (docs/shared-memory.md):
 - the caller must be on this host (loopback or a Unix socket);
 - the server opens only a name the client gave, in the shared-memory directory, with the
   "gradtap-" prefix, never following a link, and only a plain file of exactly the declared
-  size whose first bytes are the client's random token; every failure gets one and the same
-  message, so a caller learns nothing about files it could not open itself;
+  size that only its owner may read or write, whose first TOKEN_BYTES bytes are the
+  client's random token (the whole token: a shorter one is refused before any file is
+  opened); every failure gets one and the same message, so a caller learns nothing about
+  files it could not open itself;
 - it writes with pwrite() and never maps the region, so a region truncated or a filesystem
   filled meanwhile is an error for that call (ENOSPC), not a SIGBUS for the server;
 - nothing is ever read from the region except the token.
@@ -33,7 +35,13 @@ DIRECTORY = Path("/dev/shm")
 """Where POSIX shared-memory objects live on Linux."""
 
 NAME = re.compile(r"gradtap-[A-Za-z0-9_-]{8,128}")
-TOKEN_BYTES = (16, 64)
+TOKEN_BYTES = 32
+"""The token's length: a request must send all of it, as the client wrote it."""
+_TOKEN_DISTINCT = 8
+"""Fewest distinct byte values in a token: 32 random bytes hold about 30, and a region's
+zeroed start (a region made but not yet written) is never a token."""
+_PRIVATE = 0o077
+"""Permission bits of anyone but the owner: a region with any of them set is refused."""
 DATA_START = 64
 """Tensor bytes start here; the token sits before."""
 ALIGN = 64
@@ -100,10 +108,10 @@ def check_request(request: RegionRequest, *, enabled: bool, local: bool) -> None
             reason="BAD_SHARED_MEMORY",
             field="shared_memory.name",
         )
-    low, high = TOKEN_BYTES
-    if not low <= len(request.token) <= high:
+    if len(request.token) != TOKEN_BYTES or len(set(request.token)) < _TOKEN_DISTINCT:
         raise InvalidArgument(
-            f"shared_memory.token must hold {low} to {high} bytes",
+            f"shared_memory.token must be the {TOKEN_BYTES} random bytes written at the "
+            f"region's start (this one has {len(request.token)})",
             reason="BAD_SHARED_MEMORY",
             field="shared_memory.token",
         )
@@ -155,7 +163,7 @@ def opened(request: RegionRequest, directory: Path = DIRECTORY) -> Iterator[Regi
     """Opens the client's region after checking it; closes it when the call is done.
 
     Whatever fails (missing, a link, a directory, another size, another token, no
-    permission) the caller gets the same FAILED_PRECONDITION.
+    permission, open to other users) the caller gets the same FAILED_PRECONDITION.
     """
     unusable = FailedPrecondition(
         _UNUSABLE, reason="SHARED_MEMORY_UNUSABLE", field="shared_memory.name"
@@ -171,9 +179,11 @@ def opened(request: RegionRequest, directory: Path = DIRECTORY) -> Iterator[Regi
         info = os.fstat(fd)
         if (
             not stat.S_ISREG(info.st_mode)
+            or info.st_mode & _PRIVATE
+            or info.st_uid != os.geteuid()
             or info.st_nlink != 1
             or info.st_size != request.size
-            or not hmac.compare_digest(os.pread(fd, len(request.token), 0), request.token)
+            or not hmac.compare_digest(os.pread(fd, TOKEN_BYTES, 0), request.token)
         ):
             raise unusable
         yield Region(fd, request)

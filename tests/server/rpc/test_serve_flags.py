@@ -36,6 +36,7 @@ def test_every_flag_maps_onto_its_setting(
             "--tls-cert", str(files["cert.pem"]), "--tls-key", str(files["key.pem"]),
             "--tls-client-ca", str(files["ca.pem"]), "--auth-token-file", str(files["tokens"]),
             "--metrics-port", "9091", "--shared-memory", "--compute-threads", "3",
+            "--stall-seconds", "2.5", "--max-archive-bytes", "12345",
         ],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -51,6 +52,8 @@ def test_every_flag_maps_onto_its_setting(
     assert settings.metrics_port == 9091
     assert settings.shared_memory is True
     assert settings.compute_threads == 3
+    assert settings.stall_seconds == 2.5
+    assert settings.max_archive_bytes == 12345
 
 
 def test_the_defaults_are_the_settings_defaults(served: list[tuple[str, Settings]]) -> None:
@@ -59,6 +62,7 @@ def test_the_defaults_are_the_settings_defaults(served: list[tuple[str, Settings
     ((_, settings),) = served
     defaults = Settings()
     names = ("max_concurrent_requests", "max_queue", "max_call_seconds", "metrics_port")
+    names += ("stall_seconds", "max_archive_bytes")
     for name in (*names, "shared_memory", "compute_threads"):
         assert getattr(settings, name) == getattr(defaults, name), name
 
@@ -67,6 +71,8 @@ def test_the_defaults_are_the_settings_defaults(served: list[tuple[str, Settings
     "args",
     [
         ["--max-call-seconds", "0"],
+        ["--stall-seconds", "0"],
+        ["--max-archive-bytes", "0"],
         ["--max-concurrent-requests", "0"],
         ["--max-queue", "-1"],
         ["--compute-threads", "-1"],

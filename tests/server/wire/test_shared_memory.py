@@ -241,6 +241,7 @@ def victim() -> Iterator[tuple[Path, bytes]]:
     """A region someone else made: a name, a size and a token the attacker does not know."""
     path = shm.DIRECTORY / f"gradtap-{secrets.token_hex(8)}"
     content = secrets.token_bytes(32) + bytes(4096 - 32)
+    path.touch(mode=0o600)
     path.write_bytes(content)
     yield path, content
     path.unlink()
@@ -265,9 +266,14 @@ def test_hostile_regions_get_one_message_and_nothing_is_written(
     os.mkdir(shm.DIRECTORY / directory)
     fifo = named("fifo")
     os.mkfifo(shm.DIRECTORY / fifo)
+    shared = {}  # regions with the right token that others may read or write
+    for mode in (0o640, 0o604, 0o620, 0o602):
+        shared[mode] = named(f"mode{mode:o}")
+        (shm.DIRECTORY / shared[mode]).write_bytes(content)
+        os.chmod(shm.DIRECTORY / shared[mode], mode)
     cases = [
-        pb.SharedMemoryRegion(name=path.name, size=4096, token=bytes(32)),  # guessed token
-        pb.SharedMemoryRegion(name=path.name, size=4096, token=token[:16]),  # half the token
+        pb.SharedMemoryRegion(name=path.name, size=4096, token=secrets.token_bytes(32)),  # guessed
+        *(pb.SharedMemoryRegion(name=name, size=4096, token=token) for name in shared.values()),
         pb.SharedMemoryRegion(name=path.name, size=8192, token=token),  # another size
         pb.SharedMemoryRegion(name=link, size=4096, token=token),  # a symlink to it
         pb.SharedMemoryRegion(name=hard, size=4096, token=token),  # a hard link to it
@@ -277,6 +283,7 @@ def test_hostile_regions_get_one_message_and_nothing_is_written(
     ]
     try:
         errors = [_call(shm_server.port, case) for case in cases]
+        assert all((shm.DIRECTORY / name).read_bytes() == content for name in shared.values())
     finally:
         for p in made:
             p.rmdir() if p.is_dir() else p.unlink()
@@ -300,8 +307,10 @@ def test_hostile_regions_get_one_message_and_nothing_is_written(
         assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, name
         assert "shared_memory.name" in e.details()
     for size, token_bytes, field in (
-        (4096, b"x" * 15, "token"),
-        (4096, b"x" * 65, "token"),
+        (4096, token[:16], "token"),  # part of the token: all of it is needed
+        (4096, token[:31], "token"),
+        (4096, token + b"x", "token"),
+        (4096, b"", "token"),
         (10, token, "size"),
     ):
         e = _call(
@@ -313,6 +322,26 @@ def test_hostile_regions_get_one_message_and_nothing_is_written(
 
     with Client(f"127.0.0.1:{shm_server.port}", timeout=60) as c:  # still serving
         assert analyze(c, shared_memory=True).metadata["transport"] == "shared_memory"  # type: ignore[attr-defined]
+
+
+def test_a_region_not_yet_written_cannot_be_claimed_with_a_token_of_zeros(
+    shm_server: Running,
+) -> None:
+    """A region made but not yet written starts with zeros: a token of zeros (of any
+    length) names no one's secret, so it is refused before the region is opened."""
+    path = shm.DIRECTORY / f"gradtap-{secrets.token_hex(8)}"
+    path.touch(mode=0o600)
+    try:
+        os.truncate(path, 4096)
+        for token in (bytes(16), bytes(32), b"\x01" * 32):
+            e = _call(
+                shm_server.port, pb.SharedMemoryRegion(name=path.name, size=4096, token=token)
+            )
+            assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "shared_memory.token" in e.details()
+        assert path.read_bytes() == bytes(4096)
+    finally:
+        path.unlink()
 
 
 def test_the_client_refuses_headers_pointing_outside_its_region() -> None:
