@@ -179,6 +179,8 @@ def output_choice(text: str, option: str) -> int | str:
     if not text:
         usage("give an output's position or name", option)
     return int(text) if text.isdigit() else text
+
+
 ObjectiveNode = Annotated[
     str | None,
     typer.Option(metavar="NAME", help="Take the objective at this node instead."),

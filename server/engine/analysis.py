@@ -382,6 +382,7 @@ class Engine:
         with self._lock:
             self._plans.pop(model.key, None)
         self._variants.forget(model)
+
     def _corrupt(
         self,
         model: Model,

@@ -22,6 +22,7 @@ from gradtap.v1 import model_service_pb2 as ms
 from ..engine.analysis import Engine
 from ..engine.batching import Batcher
 from ..engine.compute import Compute, default_threads
+from ..engine.memory import DEFAULT_BUDGET, MemoryBudget, machine_bytes, parse_budget, text_bytes
 from ..models.model import Model
 from ..models.registry import Registry
 from ..models.repository import Repository
@@ -77,6 +78,9 @@ class Settings:
     max_concurrent_requests: int = 16
     max_queue: int = 32
     max_call_seconds: float = 300.0
+    # The memory budget every call and model load holds its estimate from (engine/memory.py):
+    # bytes ("8GiB") or a share of the machine's memory, or of the GPU's ("50%").
+    memory_budget: str = DEFAULT_BUDGET
     # Dynamic batching (engine/batching.py); max_batch_size 1 turns it off.
     max_batch_size: int = 16
     batch_timeout_us: int = 2000
@@ -165,6 +169,7 @@ class Running:
     admission: Admission | None = None
     repository: Repository | None = None
     compute: Compute | None = None
+    budget: MemoryBudget | None = None
 
     def set_serving(self, serving: bool) -> None:
         status = (
@@ -217,7 +222,11 @@ def start(
         raise ValueError(f"--shared-memory needs {shm.DIRECTORY} (a Linux host)")
     if settings.poll_repository is not None and settings.model_repository is None:
         raise ValueError("--poll-repository needs --model-repository")
-    registry = Registry(device)
+    budget = MemoryBudget(
+        parse_budget(settings.memory_budget, machine_bytes(device)),
+        settings.max_concurrent_requests,
+    )
+    registry = Registry(device, reserve=budget.reserve)
     wanted = settings.compute_threads
     compute = Compute(default_threads(device) if wanted is None else wanted)
     engine = Engine(device, compute)
@@ -272,6 +281,7 @@ def start(
             shared_memory=settings.shared_memory,
         ),
         batcher,
+        budget,
     )
     add_to_server(servicer, server)
     services = [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME]
@@ -299,6 +309,7 @@ def start(
         admission=next(i for i in interceptors if isinstance(i, Admission)),
         repository=repository,
         compute=compute,
+        budget=budget,
     )
     registry.on_change = running.model_changed
     if settings.metrics_port is not None:
@@ -321,7 +332,13 @@ def start(
         server.stop(None)
         raise
     running.set_serving(True)
-    log.info("serving %d model(s) on port %d (%s)", len(registry), port, device)
+    log.info(
+        "serving %d model(s) on port %d (%s), memory budget %s",
+        len(registry),
+        port,
+        device,
+        text_bytes(budget.total),
+    )
     return running
 
 
