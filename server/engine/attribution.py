@@ -425,7 +425,8 @@ def passes(model: Model, request: Attribution, share: int | None = None) -> Pass
     rows = request.inputs[0].shape[0] if request.inputs and request.inputs[0].dim() else 1
     per_row = 2 * _row_bytes(model)
     fits = max(1, ACTIVATION_BUDGET_BYTES // per_row)
-    largest = None if share is None else max(1, share // per_row)
+    # A pass runs without a stop between its operators: the default bounds it in time too.
+    largest = None if share is None else max(1, min(share, ACTIVATION_BUDGET_BYTES) // per_row)
     if largest is not None:
         fits = min(fits, largest)
     given = request.params

@@ -11,9 +11,11 @@ measured peaks (docs/memory.md gives the figures).
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -38,6 +40,13 @@ again for the gradients flowing back through them (calibrated: docs/memory.md)."
 
 OVERHEAD_BYTES = 16 << 20
 """Bytes a call takes whatever its size: its buffers, torch's and the allocator's slack."""
+
+TRIM_AFTER_BYTES = 64 << 20
+"""A hold at least this large, once given back, has the C allocator return its free pages."""
+
+TRIM_DELAY_SECONDS = 0.5
+"""How long after such a hold the pages are returned: the call's last tensors (its result,
+freed once the call has ended; the frames of a stopped call) go first."""
 
 _UNITS = {
     "": 1,
@@ -205,6 +214,50 @@ def largest_rows(model: Model, inputs: Sequence[torch.Tensor], nbytes: int) -> i
 # -- the budget -------------------------------------------------------------------------------
 
 
+def _malloc_trim() -> Callable[[], object] | None:
+    """glibc's malloc_trim(0), or None on a C library without it.
+
+    torch frees a tensor with free(): one over the allocator's mmap threshold (which glibc
+    raises as large blocks are freed, up to 32 MiB) goes back to the system at once, smaller
+    ones stay in the process's heaps for reuse. After a heavy call those heaps can hold
+    gigabytes nobody uses; malloc_trim hands their free pages back.
+    """
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    return lambda: trim(0)
+
+
+class _Trimmer:
+    """Returns the C allocator's free pages shortly after heavy holds end, on its own thread."""
+
+    def __init__(self) -> None:
+        self._trim = _malloc_trim()
+        self._due = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def soon(self) -> None:
+        if self._trim is None:
+            return
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="gradtap-trim", daemon=True)
+                self._thread.start()
+        self._due.set()
+
+    def _run(self) -> None:
+        assert self._trim is not None
+        while True:
+            self._due.wait()
+            self._due.clear()
+            time.sleep(TRIM_DELAY_SECONDS)
+            if not self._due.is_set():  # asked again meanwhile: wait until it is quiet
+                self._trim()
+
+
 class MemoryBudget:
     """The server's one memory budget: calls and model loads hold their estimate while they
     run; one that does not fit now waits for others to give theirs back, and one that could
@@ -224,6 +277,7 @@ class MemoryBudget:
         self._peak = 0
         self._waiting: list[object] = []
         self._changed = threading.Condition()
+        self._trimmer = _Trimmer()
 
     @property
     def held(self) -> int:
@@ -259,8 +313,24 @@ class MemoryBudget:
         """Holds `estimate` for the block; waits until it fits, raising Cancelled if
         `should_stop` turns true first. Refuses at once what could never fit."""
         nbytes = max(0, estimate.nbytes)
-        if nbytes > self.total:
-            raise self.refusal(estimate, what)
+        try:
+            if nbytes > self.total:
+                raise self.refusal(estimate, what)
+            self._wait(nbytes, should_stop)
+            try:
+                yield
+            finally:
+                with self._changed:
+                    self._held -= nbytes
+                    self._changed.notify_all()
+        finally:
+            # Heavy calls (held, refused or given up) leave free pages in the C heaps: their
+            # request's bytes, their tensors. Hand them back once they are freed.
+            if nbytes >= TRIM_AFTER_BYTES or self._held == 0:
+                self._trimmer.soon()
+
+    def _wait(self, nbytes: int, should_stop: Callable[[], bool]) -> None:
+        """Returns holding `nbytes`, first come first served; raises Cancelled on a stop."""
         ticket = object()
         with self._changed:
             self._waiting.append(ticket)
@@ -278,12 +348,6 @@ class MemoryBudget:
                 self._changed.notify_all()
             self._held += nbytes
             self._peak = max(self._peak, self._held)
-        try:
-            yield
-        finally:
-            with self._changed:
-                self._held -= nbytes
-                self._changed.notify_all()
 
     def reserve(self, nbytes: int, what: str) -> AbstractContextManager[None]:
         """The registry's admission hook for model loads (models.registry.Reserve)."""
