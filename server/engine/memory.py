@@ -48,6 +48,9 @@ TRIM_DELAY_SECONDS = 0.5
 """How long after such a hold the pages are returned: the call's last tensors (its result,
 freed once the call has ended; the frames of a stopped call) go first."""
 
+TRIM_AGAIN_SECONDS = 5.0
+"""And again this long after, if no heavy hold ended meanwhile."""
+
 _UNITS = {
     "": 1,
     "b": 1,
@@ -254,7 +257,12 @@ class _Trimmer:
             self._due.wait()
             self._due.clear()
             time.sleep(TRIM_DELAY_SECONDS)
-            if not self._due.is_set():  # asked again meanwhile: wait until it is quiet
+            if self._due.is_set():  # asked again meanwhile: wait until it is quiet
+                continue
+            self._trim()
+            # gRPC frees a cancelled call's buffered messages when it lets the call go,
+            # which can come later: once more when all stays quiet.
+            if not self._due.wait(TRIM_AGAIN_SECONDS):
                 self._trim()
 
 

@@ -35,7 +35,7 @@ from . import tracing
 from .admission import Admission
 from .control import ModelServicer
 from .handlers import add_service, add_to_server
-from .observability import ModelMetrics, Observability, start_metrics
+from .observability import MemoryMetrics, ModelMetrics, Observability, start_metrics
 from .security import TokenAuth, server_credentials
 from .servicer import GradientServicer
 
@@ -235,6 +235,7 @@ def start(
     observability = next(i for i in interceptors if isinstance(i, Observability))
     observability.known_model = lambda name: registry.status(name) is not None
     observability.registry.register(ModelMetrics(registry))
+    observability.registry.register(MemoryMetrics(budget))
     # Admitted calls wait for a place on a server thread: they get threads of their own,
     # and max_workers stay free for health, ListModels and DescribeModel. grpcio refuses
     # calls past the pool (RESOURCE_EXHAUSTED) instead of queueing them without bound.
