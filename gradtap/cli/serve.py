@@ -257,7 +257,7 @@ def serve(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        server.resolve_device(device.value)
+        server.memory_budget(memory_budget, server.resolve_device(device.value))
         if not max_call_seconds > 0:
             raise ValueError("--max-call-seconds must be more than 0")
     except ValueError as e:

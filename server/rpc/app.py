@@ -142,6 +142,11 @@ def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
     return server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
 
 
+def memory_budget(text: str, device: torch.device) -> int:
+    """`--memory-budget` in bytes on `device`: bytes, or a share of its memory."""
+    return parse_budget(text, machine_bytes(device))
+
+
 def resolve_device(name: str) -> torch.device:
     """ "auto" means CUDA when present, else the CPU."""
     if name == "auto":
@@ -223,8 +228,7 @@ def start(
     if settings.poll_repository is not None and settings.model_repository is None:
         raise ValueError("--poll-repository needs --model-repository")
     budget = MemoryBudget(
-        parse_budget(settings.memory_budget, machine_bytes(device)),
-        settings.max_concurrent_requests,
+        memory_budget(settings.memory_budget, device), settings.max_concurrent_requests
     )
     registry = Registry(device, reserve=budget.reserve)
     wanted = settings.compute_threads
