@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 from google.protobuf.message import DecodeError, Message  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
-from bench import report  # noqa: E402
+from bench import heavy, report  # noqa: E402
 from bench._common import GradtapServer  # noqa: E402
 from gradtap.v1 import gradtap_pb2 as pb  # noqa: E402
 
@@ -481,6 +481,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--json", type=Path, metavar="PATH", help="results (bench/results/soak.json)"
     )
+    parser.add_argument(
+        "--heavy-seconds", type=float, default=60.0, metavar="S",
+        help="the heavy-valid phase's client deadline; 0 skips the phase (60)",
+    )  # fmt: skip
     parser.add_argument("--write-docs", action="store_true", help="also write the docs page")
     parser.add_argument(
         "--docs", type=Path, metavar="PATH", help="where --write-docs writes (docs/reliability.md)"
@@ -559,6 +563,9 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
             seconds = time.monotonic() - t0
             end = samples[-1]
             end["phase"] = "end"
+            heavy_results = None
+            if args.heavy_seconds > 0 and server.process.poll() is None:
+                heavy_results = _heavy(server.address, server.pid, args.heavy_seconds)
             alive = server.process.poll() is None
             still_serving = alive and serving(channel)
             same = alive and good_numbers(channel) == before
@@ -588,7 +595,27 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
         },
         after={"server_alive": alive, "serving": still_serving, "same_numbers": same},
         load_average_at_end=[round(v, 2) for v in os.getloadavg()],
+        heavy=heavy_results,
     )
+    return results
+
+
+def _heavy(address: str, pid: int, seconds: float) -> dict[str, Any]:
+    """The heavy-valid phase (bench/heavy.py), then the server's RSS once it settled."""
+    import torch
+    from gradtap.server.engine.memory import DEFAULT_BUDGET, machine_bytes, parse_budget
+
+    budget = parse_budget(DEFAULT_BUDGET, machine_bytes(torch.device("cpu")))
+    before = _proc(pid)["rss_bytes"]
+    print(f"soak: heavy-valid phase, deadline {seconds:g} s", file=sys.stderr, flush=True)
+    results = heavy.heavy_phase(address, pid, budget, seconds)
+    settled = before
+    for _ in range(300):  # up to a minute for the abandoned work to stop and give memory back
+        settled = _proc(pid)["rss_bytes"]
+        if settled <= 1.1 * before:
+            break
+        time.sleep(0.2)
+    results.update(rss_before_bytes=before, rss_settled_bytes=settled)
     return results
 
 
@@ -719,6 +746,15 @@ depend on speed.
 ### Memory over the run
 
 {samples_table(results)}
+
+## Heavy valid use (issue 11)
+
+After the traffic, every heavy probe of issue 11 runs at once against the same server, with
+default settings (its memory budget is half the machine's memory), while one normal caller
+keeps sending a small `Analyze`. *Before* is what the issue measured; *this run* is each
+probe's outcome and its longest call. See [memory.md](memory.md) for the budget.
+
+{heavy.table(results.get("heavy"))}
 
 The mix: *valid* analyses of the seed models (random batch, targets, captures, reductions,
 transfer dtypes, parameter gradients, precision, every objective kind); *malformed* ones

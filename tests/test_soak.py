@@ -26,6 +26,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     command = [
         sys.executable, "bench/soak.py", "--requests", "200", "--max-seconds", "60",
         "--json", str(out / "soak.json"), "--write-docs", "--docs", str(out / "reliability.md"),
+        "--heavy-seconds", "0",
     ]  # fmt: skip
     done = subprocess.run(
         command, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False

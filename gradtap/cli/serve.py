@@ -169,6 +169,15 @@ def serve(
             "overlap; a lone call never waits).",
         ),
     ] = 2000,
+    memory_budget: Annotated[
+        str,
+        typer.Option(
+            metavar="BYTES|PERCENT",
+            help="Working memory all calls and model loads share: bytes (8GiB, 512MiB, 2GB) "
+            "or a share of the machine's memory, or the GPU's on CUDA (50%). A call waits "
+            "for its estimate to fit; one that never could is refused (docs/memory.md).",
+        ),
+    ] = "50%",
     max_result_bytes: Annotated[
         int,
         typer.Option(
@@ -265,7 +274,7 @@ def serve(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        server.resolve_device(device.value)
+        server.memory_budget(memory_budget, server.resolve_device(device.value))
         if not max_call_seconds > 0:
             raise ValueError("--max-call-seconds must be more than 0")
         if not stall_seconds > 0:
@@ -291,6 +300,7 @@ def serve(
         max_batch_size=max_batch_size,
         batch_timeout_us=batch_timeout_us,
         max_result_bytes=max_result_bytes,
+        memory_budget=memory_budget,
         shared_memory=shared_memory,
         tracing=otel,
         model_control=model_control,

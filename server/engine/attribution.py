@@ -20,6 +20,7 @@ from ..errors import Cancelled, InvalidArgument, ResourceExhausted
 from ..models.model import Dim, Model, dims_text, dtype_name
 from .captum_bridge import INTEGRATION_METHODS, ModelForward, call, rewritten_graph
 from .graph import ShouldStop, never, release
+from .memory import Estimate, attribution_bytes, check_batch_parameter
 
 CAPTUM_VERSION: str = captum.__version__
 
@@ -114,16 +115,18 @@ def attribute(
     model: Model,
     request: Attribution,
     should_stop: ShouldStop = never,
+    share: int | None = None,
 ) -> Attributed:
     """Runs one attribution; raises RequestError subclasses on bad requests.
 
-    The inputs must fit the model (Model.check_inputs; the wire checks them).
+    The inputs must fit the model (Model.check_inputs; the wire checks them). `share` bounds
+    the bytes of one forward pass (see `passes`); None leaves it unbounded.
     """
     plan = _plan(model, request)
     if should_stop():
         raise Cancelled("the call was cancelled", reason="CANCELLED")
     try:
-        return _run(device, model, request, plan, should_stop)
+        return _run(device, model, request, plan, should_stop, share)
     except torch.OutOfMemoryError:
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -132,6 +135,13 @@ def attribute(
             "smaller internal_batch_size",
             reason="DEVICE_OUT_OF_MEMORY",
         ) from None
+
+
+def working_memory(model: Model, request: Attribution, share: int | None = None) -> Estimate:
+    """Checks the request as `attribute` would, and estimates its peak working memory."""
+    _plan(model, request)
+    batching = passes(model, request, share)
+    return attribution_bytes(model, request.inputs, batching.rows, batching.shrink)
 
 
 # -- request checks -------------------------------------------------------------------------
@@ -330,6 +340,7 @@ def _run(
     request: Attribution,
     plan: _Plan,
     should_stop: ShouldStop,
+    share: int | None,
 ) -> Attributed:
     started = time.perf_counter()
     inputs = [t.to(device) for t in request.inputs]
@@ -359,22 +370,12 @@ def _run(
     index = 0 if plan.method.layer or plan.attributed is None else plan.attributed
     result = Attributed(tensor=torch.empty(0), index=index, device=str(device))
     params = dict(plan.params)
-    rows = captum_inputs[0].shape[0] if captum_inputs[0].dim() else 1
-    fits = max(1, ACTIVATION_BUDGET_BYTES // (2 * _row_bytes(model)))
-    if request.method in ("integrated_gradients", "layer_integrated_gradients"):
-        params["internal_batch_size"], result.internal_batch_size = _internal_batch_size(
-            params, rows, fits
-        )
-    elif request.method == "layer_conductance":
-        params["internal_batch_size"], result.internal_batch_size = _internal_batch_size(
-            params, rows, fits, pairs=True
-        )
-    elif request.method == "smoothgrad":
+    batching = passes(model, request, share)
+    params.update(batching.params)
+    result.internal_batch_size = batching.internal_batch_size
+    if request.method == "smoothgrad":
         result.seed = params.get("seed", secrets.randbits(63))
         params["seed"] = result.seed
-        if params.get("nt_samples_batch_size") is None:
-            samples = int(params.get("nt_samples", 5))
-            params["nt_samples_batch_size"] = max(1, min(samples, fits // rows))
     try:
         with torch.enable_grad():
             attribution = call(request.method, forward, captum_inputs, held, plan.target, params)
@@ -400,20 +401,84 @@ def _run(
     return result
 
 
+@dataclass(frozen=True)
+class Passes:
+    """How an attribution batches its work: the batch parameters it runs with, and the rows
+    of its largest forward pass (what its working memory grows with)."""
+
+    params: dict[str, Any]
+    rows: int
+    internal_batch_size: int = 0
+    shrink: str = "inputs (the batch)"
+    """The request field that makes the passes smaller, for a memory-budget refusal."""
+
+
+def passes(model: Model, request: Attribution, share: int | None = None) -> Passes:
+    """The batching of an attribution, its passes bounded by `share` bytes (None: unbounded).
+
+    Captum's internal_batch_size only splits the integration steps into passes, so a
+    caller's value over what `share` allows is lowered to it (the attribution is the same up
+    to float rounding, and the response reports the value used). nt_samples_batch_size also
+    decides which noise each row draws from the seed, so a value over the share is refused
+    (OUT_OF_RANGE, naming the most allowed) rather than silently changing the result.
+    """
+    rows = request.inputs[0].shape[0] if request.inputs and request.inputs[0].dim() else 1
+    per_row = 2 * _row_bytes(model)
+    fits = max(1, ACTIVATION_BUDGET_BYTES // per_row)
+    # A pass runs without a stop between its operators: the default bounds it in time too.
+    largest = None if share is None else max(1, min(share, ACTIVATION_BUDGET_BYTES) // per_row)
+    if largest is not None:
+        fits = min(fits, largest)
+    given = request.params
+    if request.method in (
+        "integrated_gradients",
+        "layer_integrated_gradients",
+        "layer_conductance",
+    ):
+        pairs = request.method == "layer_conductance"
+        chosen, used = _internal_batch_size(given, rows, fits, pairs, largest)
+        total = (int(given.get("n_steps", 50)) + (1 if pairs else 0)) * rows
+        shrink = "params.internal_batch_size or the batch (inputs)"
+        return Passes({"internal_batch_size": chosen}, min(used, total), used, shrink)
+    if request.method == "smoothgrad":
+        samples = int(given.get("nt_samples", 5))
+        wanted = given.get("nt_samples_batch_size")
+        if wanted is None:
+            batch = max(1, min(samples, fits // rows))
+            return Passes({"nt_samples_batch_size": batch}, batch * rows)
+        batch = min(samples, int(wanted))
+        if largest is not None and batch * rows > largest:
+            most = max(1, largest // rows)
+            if most < batch:
+                check_batch_parameter(
+                    "nt_samples_batch_size",
+                    int(wanted),
+                    most,
+                    f"{rows} rows a sample; it also decides the noise drawn from the seed, so "
+                    "it is not lowered for you",
+                )
+        return Passes({}, batch * rows, shrink="params.nt_samples_batch_size or the batch (inputs)")
+    return Passes({}, rows)
+
+
 def _internal_batch_size(
-    params: Mapping[str, Any], rows: int, fits: int, pairs: bool = False
+    params: Mapping[str, Any],
+    rows: int,
+    fits: int,
+    pairs: bool = False,
+    largest: int | None = None,
 ) -> tuple[int | None, int]:
     """Captum's internal_batch_size, and the rows each forward pass will take.
 
-    The caller's value, else None (one pass over every step, as Captum does by default)
-    when every step fits `fits` rows, else `fits`. Captum raises a value below the batch
-    size to the batch size (twice that for conductance, which differences consecutive
-    steps); raising it here keeps Captum's warning out of the log.
+    The caller's value (lowered to `largest` rows), else None (one pass over every step, as
+    Captum does by default) when every step fits `fits` rows, else `fits`. Captum raises a
+    value below the batch size to the batch size (twice that for conductance, which
+    differences consecutive steps); raising it here keeps Captum's warning out of the log.
     """
     least = rows * (2 if pairs else 1)
     given = params.get("internal_batch_size")
     if given is not None:
-        chosen = max(int(given), least)
+        chosen = max(min(int(given), largest or int(given)), least)
         return chosen, chosen
     total = (int(params.get("n_steps", 50)) + (1 if pairs else 0)) * rows
     if total <= fits:

@@ -75,7 +75,13 @@ class Compute:
         job.done.acquire()  # released by the compute thread when the job is done
         if job.error is not None:
             error, job.error = job.error, None
-            raise error
+            try:
+                raise error
+            finally:
+                # The traceback holds this frame, and the frame the error: without this the
+                # pair (and every tensor of the failed computation's frames) waits for the
+                # cyclic garbage collector, which an idle server may not run for minutes.
+                del error
         result: T = job.result
         return result
 

@@ -21,7 +21,6 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
 from typing import cast
 
 import torch
@@ -35,12 +34,13 @@ from .text import read_tokenizer
 from .versions import (
     DEFAULT_VERSION,
     VERSION,
+    Entry,
     LoadFailed,
     ModelStatus,
+    Slot,
     State,
     VersionStatus,
     load_failure,
-    natural,
     unpacked_size,
     valid_name,
     valid_version,
@@ -56,36 +56,6 @@ or raises (a RequestError, e.g. RESOURCE_EXHAUSTED) to refuse it."""
 
 def _no_reserve(size: int, what: str) -> AbstractContextManager[None]:
     return contextlib.nullcontext()
-
-
-@dataclass(eq=False)
-class _Slot:
-    """One version of a model."""
-
-    version: str
-    state: State
-    source: str
-    reason: str = ""
-    model: Model | None = None
-    """The model serving calls (READY), or draining them (UNLOADING)."""
-    digest: str = ""
-
-
-@dataclass(eq=False)
-class _Entry:
-    name: str
-    slots: dict[str, _Slot] = field(default_factory=dict)
-    pinned: str | None = None
-
-    def ordered(self) -> list[_Slot]:
-        return sorted(self.slots.values(), key=lambda s: natural(s.version))
-
-    def default(self) -> _Slot | None:
-        """The slot that serves calls naming no version: pinned, else the newest READY."""
-        pinned = self.slots.get(self.pinned or "")
-        if pinned is not None and pinned.state is State.READY:
-            return pinned
-        return next((s for s in reversed(self.ordered()) if s.state is State.READY), None)
 
 
 class Registry:
@@ -105,7 +75,7 @@ class Registry:
         """Called with a model's name after any of its versions changed state."""
         self._lock = threading.Lock()
         self._loading = threading.Lock()
-        self._entries: dict[str, _Entry] = {}
+        self._entries: dict[str, Entry] = {}
         self._calls: dict[int, int] = {}
         """Calls running, by Model.key."""
         self._retired: dict[int, Model] = {}
@@ -242,10 +212,10 @@ class Registry:
     def source_of(self, name: str, version: str) -> str | None:
         """Where the version came from, or None when there is no such version."""
         with self._lock:
-            slot = self._entries.get(name, _Entry(name)).slots.get(version)
+            slot = self._entries.get(name, Entry(name)).slots.get(version)
             return slot.source if slot is not None else None
 
-    def _status(self, entry: _Entry) -> ModelStatus:
+    def _status(self, entry: Entry) -> ModelStatus:
         slots = entry.ordered()
         versions = tuple(
             VersionStatus(s.version, s.digest, s.state, s.reason, s.source) for s in slots
@@ -273,12 +243,12 @@ class Registry:
             raise ModelLoadError(f"version {version!r} does not match {VERSION.pattern}")
         with self._loading:
             with self._lock:
-                if version in self._entries.get(name, _Entry(name)).slots:
+                if version in self._entries.get(name, Entry(name)).slots:
                     raise ModelLoadError(f"model {name!r} version {version!r} is defined twice")
             model = prepare(name, source, program, self.device, version)
             with self._lock:
-                entry = self._entries.setdefault(name, _Entry(name))
-                entry.slots[version] = _Slot(
+                entry = self._entries.setdefault(name, Entry(name))
+                entry.slots[version] = Slot(
                     version, State.READY, source, model=model, digest=model.digest
                 )
         self._changed(name)
@@ -349,20 +319,20 @@ class Registry:
     def _next_version(self, name: str) -> str:
         """One past the highest numeric version of `name`; "1" for a new model."""
         with self._lock:
-            slots = self._entries.get(name, _Entry(name)).slots
+            slots = self._entries.get(name, Entry(name)).slots
             return str(max((int(v) for v in slots if v.isdigit()), default=0) + 1)
 
-    def _begin(self, name: str, version: str, source: str) -> _Slot | None:
+    def _begin(self, name: str, version: str, source: str) -> Slot | None:
         """Marks the version LOADING unless it serves; returns a copy of what was there."""
         with self._lock:
-            entry = self._entries.setdefault(name, _Entry(name))
+            entry = self._entries.setdefault(name, Entry(name))
             slot = entry.slots.get(version)
             if slot is not None and slot.source == "builtin" and slot.state is State.READY:
                 why = f"version {version!r} of {name!r} is built in: load another version"
                 raise LoadFailed(why, FailedPrecondition(why, reason="VERSION_BUILT_IN"))
-            before = None if slot is None else _Slot(**slot.__dict__)
+            before = None if slot is None else Slot(**slot.__dict__)
             if slot is None or slot.state is not State.READY:
-                entry.slots[version] = _Slot(version, State.LOADING, source)
+                entry.slots[version] = Slot(version, State.LOADING, source)
             return before
 
     def _build(
@@ -400,7 +370,7 @@ class Registry:
         version: str,
         source: str,
         reason: str,
-        before: _Slot | None,
+        before: Slot | None,
         keep_failure: bool,
     ) -> None:
         log.error("model %s version %s failed to load: %s", name, version, reason)
@@ -484,7 +454,7 @@ class Registry:
         log.info("model %s: default version %s", name, version or "(newest)")
         self._changed(name)
 
-    def _existing(self, name: str) -> _Entry:
+    def _existing(self, name: str) -> Entry:
         entry = self._entries.get(name)
         if entry is None:
             raise NotFound(f"no model named {name[:128]!r}", reason="MODEL_NOT_FOUND", field="name")

@@ -1,5 +1,6 @@
 """Versions: the names and versions a registry accepts, their order, their states, and
-the estimate (and zip-bomb check) of what loading an archive takes."""
+the estimate (and zip-bomb check) of what loading an archive takes, and the registry's
+record of each model's versions (Entry, Slot)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,14 @@ import io
 import logging
 import re
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from traceback import format_exception
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from ..errors import ModelLoadError, RequestError
+
+if TYPE_CHECKING:
+    from .model import Model
 
 log = logging.getLogger(__name__)
 
@@ -136,3 +140,35 @@ def load_failure(error: Exception) -> LoadFailed:
     # The traceback as text: a log record keeping exc_info would keep the load's frames.
     log.error("unexpected error while loading a model:\n%s", "".join(format_exception(error)))
     return LoadFailed(f"{type(error).__name__}: {str(error)[:400]}")
+
+
+@dataclass(eq=False)
+class Slot:
+    """One version of a model."""
+
+    version: str
+    state: State
+    source: str
+    reason: str = ""
+    model: Model | None = None
+    """The model serving calls (READY), or draining them (UNLOADING)."""
+    digest: str = ""
+
+
+@dataclass(eq=False)
+class Entry:
+    """A model's name and versions, and the version an operator pinned as its default."""
+
+    name: str
+    slots: dict[str, Slot] = field(default_factory=dict)
+    pinned: str | None = None
+
+    def ordered(self) -> list[Slot]:
+        return sorted(self.slots.values(), key=lambda s: natural(s.version))
+
+    def default(self) -> Slot | None:
+        """The slot that serves calls naming no version: pinned, else the newest READY."""
+        pinned = self.slots.get(self.pinned or "")
+        if pinned is not None and pinned.state is State.READY:
+            return pinned
+        return next((s for s in reversed(self.ordered()) if s.state is State.READY), None)

@@ -22,6 +22,7 @@ from gradtap.v1 import model_service_pb2 as ms
 from ..engine.analysis import Engine
 from ..engine.batching import Batcher
 from ..engine.compute import Compute, default_threads
+from ..engine.memory import DEFAULT_BUDGET, MemoryBudget, machine_bytes, parse_budget, text_bytes
 from ..models.model import Model
 from ..models.registry import Registry
 from ..models.repository import MAX_ARCHIVE_BYTES, Repository
@@ -34,7 +35,7 @@ from . import tracing
 from .admission import Admission
 from .control import ModelServicer
 from .handlers import add_service, add_to_server
-from .observability import ModelMetrics, Observability, start_metrics
+from .observability import MemoryMetrics, ModelMetrics, Observability, start_metrics
 from .security import TokenAuth, server_credentials
 from .servicer import GradientServicer
 
@@ -79,6 +80,9 @@ class Settings:
     max_call_seconds: float = 300.0
     # A call whose client reads nothing of its results for this long is ended (rpc/deadline.py).
     stall_seconds: float = 20.0
+    # The memory budget every call and model load holds its estimate from (engine/memory.py):
+    # bytes ("8GiB") or a share of the machine's memory, or of the GPU's ("50%").
+    memory_budget: str = DEFAULT_BUDGET
     # Dynamic batching (engine/batching.py); max_batch_size 1 turns it off.
     max_batch_size: int = 16
     batch_timeout_us: int = 2000
@@ -147,6 +151,11 @@ def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
     return server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
 
 
+def memory_budget(text: str, device: torch.device) -> int:
+    """`--memory-budget` in bytes on `device`: bytes, or a share of its memory."""
+    return parse_budget(text, machine_bytes(device))
+
+
 def resolve_device(name: str) -> torch.device:
     """ "auto" means CUDA when present, else the CPU."""
     if name == "auto":
@@ -174,6 +183,7 @@ class Running:
     admission: Admission | None = None
     repository: Repository | None = None
     compute: Compute | None = None
+    budget: MemoryBudget | None = None
 
     def set_serving(self, serving: bool) -> None:
         status = (
@@ -226,7 +236,10 @@ def start(
         raise ValueError(f"--shared-memory needs {shm.DIRECTORY} (a Linux host)")
     if settings.poll_repository is not None and settings.model_repository is None:
         raise ValueError("--poll-repository needs --model-repository")
-    registry = Registry(device)
+    budget = MemoryBudget(
+        memory_budget(settings.memory_budget, device), settings.max_concurrent_requests
+    )
+    registry = Registry(device, reserve=budget.reserve)
     wanted = settings.compute_threads
     compute = Compute(default_threads(device) if wanted is None else wanted)
     engine = Engine(device, compute)
@@ -235,6 +248,7 @@ def start(
     observability = next(i for i in interceptors if isinstance(i, Observability))
     observability.known_model = lambda name: registry.status(name) is not None
     observability.registry.register(ModelMetrics(registry))
+    observability.registry.register(MemoryMetrics(budget))
     # Admitted calls wait for a place on a server thread: they get threads of their own,
     # and max_workers stay free for health, ListModels and DescribeModel. grpcio refuses
     # calls past the pool (RESOURCE_EXHAUSTED) instead of queueing them without bound.
@@ -281,6 +295,7 @@ def start(
             shared_memory=settings.shared_memory,
         ),
         batcher,
+        budget,
     )
     add_to_server(servicer, server)
     services = [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME]
@@ -310,6 +325,7 @@ def start(
         admission=next(i for i in interceptors if isinstance(i, Admission)),
         repository=repository,
         compute=compute,
+        budget=budget,
     )
     registry.on_change = running.model_changed
     if settings.metrics_port is not None:
@@ -332,7 +348,13 @@ def start(
         server.stop(None)
         raise
     running.set_serving(True)
-    log.info("serving %d model(s) on port %d (%s)", len(registry), port, device)
+    log.info(
+        "serving %d model(s) on port %d (%s), memory budget %s",
+        len(registry),
+        port,
+        device,
+        text_bytes(budget.total),
+    )
     return running
 
 

@@ -20,6 +20,7 @@ import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from ..engine.memory import MemoryBudget
 from ..models.registry import Registry
 from ..models.versions import State
 from .handlers import behaviour_of, same_kind
@@ -115,6 +116,38 @@ class CudaMemory:
                 "gradtap_cuda_memory_reserved_bytes",
                 "Bytes reserved by the caching allocator (torch.cuda.memory_reserved).",
                 labels=["device"],
+            ),
+        )
+
+
+class MemoryMetrics:
+    """The memory budget's numbers, read at scrape time (engine/memory.py)."""
+
+    def __init__(self, budget: MemoryBudget) -> None:
+        self.budget = budget
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families()
+
+    def collect(self) -> Iterable[Metric]:
+        families = self._families()
+        for family, value in zip(families, (self.budget.total, self.budget.held, self.budget.peak)):
+            family.add_metric([], value)
+        return families
+
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, ...]:
+        return (
+            GaugeMetricFamily(
+                "gradtap_memory_budget_bytes", "The memory budget (gradtap serve --memory-budget)."
+            ),
+            GaugeMetricFamily(
+                "gradtap_memory_held_bytes",
+                "Estimated working memory held by running calls and model loads now.",
+            ),
+            GaugeMetricFamily(
+                "gradtap_memory_held_peak_bytes",
+                "The most estimated working memory held at once since the server started.",
             ),
         )
 

@@ -18,10 +18,11 @@ import grpc
 from gradtap.v1 import gradtap_pb2 as pb
 from gradtap.v1 import gradtap_pb2_grpc as pb_grpc
 
+from ..engine import memory
 from ..engine.adversarial import perturb
 from ..engine.aggregate import Aggregator
 from ..engine.analysis import Engine
-from ..engine.attribution import attribute
+from ..engine.attribution import attribute, working_memory
 from ..engine.batching import Batcher
 from ..engine.tokens import TokenAttributor
 from ..models.model import Model
@@ -47,8 +48,11 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         engine: Engine,
         limits: Limits | None = None,
         batcher: Batcher | None = None,
+        budget: memory.MemoryBudget | None = None,
     ) -> None:
         self.registry = registry
+        self.budget = budget
+        """The memory budget calls hold their estimate from (None: unbounded)."""
         self.engine = engine
         self.run = batcher.analyze if batcher is not None else engine.analyze
         self.limits = limits or Limits()
@@ -59,6 +63,23 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
     def close(self) -> None:
         """Releases what finished calls left behind; call it once the server has stopped."""
         self._releaser.close()
+
+    @contextlib.contextmanager
+    def _held(
+        self, estimate: memory.Estimate, what: str, context: grpc.ServicerContext
+    ) -> Iterator[None]:
+        """Holds the call's estimated working memory for the block, waiting for it within the
+        call's time (a call that could never fit is refused at once)."""
+        if self.budget is None:
+            yield
+            return
+        with contextlib.ExitStack() as holding:
+            with deadline.time_limit(context) as should_stop:
+                holding.enter_context(self.budget.hold(estimate, what, should_stop))
+            yield
+
+    def _share(self) -> int | None:
+        return None if self.budget is None else self.budget.share
 
     @status_mapped
     def ListModels(
@@ -80,17 +101,21 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         started = time.perf_counter()
         with requests.model(self.registry, request.model) as model:
             call = requests.analyze(request, model, self.limits, peer=context.peer)
+            estimate = memory.analysis_bytes(model, call.analysis)
             opened = shm.opened(call.region) if call.region else contextlib.nullcontext()
-            with opened as region:
-                decoded = time.perf_counter()
-                with deadline.time_limit(context) as should_stop:
-                    outcome = self.run(model, call.analysis, should_stop=should_stop)
-                self._releaser.free_after_call(context, outcome)
-                summary = responses.analyze_summary(outcome, model, self.replica, started, decoded)
-                if region is not None:
-                    yield responses.written(outcome, region, summary, call.tokenized)
-                    return
-            yield from responses.analyze_stream(outcome, summary, call.tokenized)
+            with self._held(estimate, "this Analyze call", context):
+                with opened as region:
+                    decoded = time.perf_counter()
+                    with deadline.time_limit(context) as should_stop:
+                        outcome = self.run(model, call.analysis, should_stop=should_stop)
+                    self._releaser.free_after_call(context, outcome)
+                    summary = responses.analyze_summary(
+                        outcome, model, self.replica, started, decoded
+                    )
+                    if region is not None:
+                        yield responses.written(outcome, region, summary, call.tokenized)
+                        return
+                yield from responses.analyze_stream(outcome, summary, call.tokenized)
 
     @status_mapped
     def AnalyzeMany(
@@ -98,13 +123,14 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
     ) -> Iterator[Any]:  # messages, or pre-encoded chunk messages (bytes)
         # the first item's model, held for every item
         with contextlib.ExitStack() as holding, deadline.time_limit(context) as should_stop:
-            yield from self._many(items, holding, should_stop)
+            yield from self._many(items, holding, should_stop, context)
 
     def _many(
         self,
         items: Iterator[pb.AnalyzeManyRequest],
         holding: contextlib.ExitStack,
         should_stop: Callable[[], bool],
+        context: grpc.ServicerContext,
     ) -> Iterator[Any]:
         stream_started = time.perf_counter()
         omit = False
@@ -124,13 +150,18 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
                     request, model, self.limits, aggregate=aggregator is not None
                 )
                 decoded = time.perf_counter()
-                outcome = self.engine.analyze(model, analysis, should_stop=should_stop)
-                if aggregator is not None:
-                    self.engine.compute.run(aggregator.add, analysis, outcome)
-            device, precision = outcome.device, outcome.precision
-            yield from responses.many_item(
-                k, outcome, model, self.replica, started, decoded, omit=omit
-            )
+                estimate = memory.analysis_bytes(model, analysis)
+            # Each item holds its working memory until its results are sent, and no longer.
+            with self._held(estimate, f"item {k} of this AnalyzeMany call", context):
+                with requests.item(k):
+                    outcome = self.engine.analyze(model, analysis, should_stop=should_stop)
+                    if aggregator is not None:
+                        self.engine.compute.run(aggregator.add, analysis, outcome)
+                device, precision = outcome.device, outcome.precision
+                yield from responses.many_item(
+                    k, outcome, model, self.replica, started, decoded, omit=omit
+                )
+                del outcome
         if aggregator is not None and model is not None:
             yield from responses.many_aggregate(
                 aggregator, model, self.replica, device, precision, stream_started
@@ -143,11 +174,14 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         started = time.perf_counter()
         with requests.model(self.registry, request.model) as model:
             attribution = requests.attribution(request, model, self.limits)
-            with deadline.time_limit(context) as should_stop:
-                outcome = self.engine.compute.run(
-                    attribute, self.engine.device, model, attribution, should_stop
-                )
-            yield from responses.attribute_stream(outcome, model, self.replica, started)
+            share = self._share()
+            estimate = working_memory(model, attribution, share)
+            with self._held(estimate, f"this {attribution.method} call", context):
+                with deadline.time_limit(context) as should_stop:
+                    outcome = self.engine.compute.run(
+                        attribute, self.engine.device, model, attribution, should_stop, share
+                    )
+                yield from responses.attribute_stream(outcome, model, self.replica, started)
 
     @status_mapped
     def Perturb(
@@ -156,7 +190,11 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         started = time.perf_counter()
         with requests.model(self.registry, request.model) as model:
             perturbation = requests.perturbation(request, model, self.limits)
-            with deadline.time_limit(context) as should_stop:
+            estimate = memory.perturbation_bytes(model, perturbation.inputs)
+            with (
+                self._held(estimate, f"this {perturbation.method} call", context),
+                deadline.time_limit(context) as should_stop,
+            ):
                 steps = perturb(self.engine, model, perturbation, should_stop=should_stop)
                 # each step on a compute thread, other calls' computations in between
                 steps = self.engine.compute.iterate(steps)

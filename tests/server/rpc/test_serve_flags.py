@@ -36,7 +36,7 @@ def test_every_flag_maps_onto_its_setting(
             "--tls-cert", str(files["cert.pem"]), "--tls-key", str(files["key.pem"]),
             "--tls-client-ca", str(files["ca.pem"]), "--auth-token-file", str(files["tokens"]),
             "--metrics-port", "9091", "--shared-memory", "--compute-threads", "3",
-            "--stall-seconds", "2.5", "--max-archive-bytes", "12345",
+            "--stall-seconds", "2.5", "--max-archive-bytes", "12345", "--memory-budget", "3GiB",
         ],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -54,6 +54,7 @@ def test_every_flag_maps_onto_its_setting(
     assert settings.compute_threads == 3
     assert settings.stall_seconds == 2.5
     assert settings.max_archive_bytes == 12345
+    assert settings.memory_budget == "3GiB"
 
 
 def test_the_defaults_are_the_settings_defaults(served: list[tuple[str, Settings]]) -> None:
@@ -63,7 +64,7 @@ def test_the_defaults_are_the_settings_defaults(served: list[tuple[str, Settings
     defaults = Settings()
     names = ("max_concurrent_requests", "max_queue", "max_call_seconds", "metrics_port")
     names += ("stall_seconds", "max_archive_bytes")
-    for name in (*names, "shared_memory", "compute_threads"):
+    for name in (*names, "shared_memory", "compute_threads", "memory_budget"):
         assert getattr(settings, name) == getattr(defaults, name), name
 
 
@@ -77,6 +78,8 @@ def test_the_defaults_are_the_settings_defaults(served: list[tuple[str, Settings
         ["--max-queue", "-1"],
         ["--compute-threads", "-1"],
         ["--tls-cert", "/does/not/exist.pem"],
+        ["--memory-budget", "lots"],
+        ["--memory-budget", "0%"],
     ],
 )
 def test_impossible_values_are_usage_errors(
