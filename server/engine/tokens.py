@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from captum.attr._utils.approximation_methods import approximation_parameters
 
-from ..errors import Cancelled, InvalidArgument, ResourceExhausted
+from ..errors import Cancelled, ResourceExhausted
 from ..models.model import Model, dtype_name, shape_of
 from ..models.tokens import (
     bound,
@@ -36,58 +36,14 @@ from ..models.tokens import (
 from . import graph
 from .analysis import Analysis, Engine, Role, Target
 from .attribution import ACTIVATION_BUDGET_BYTES
-from .captum_bridge import INTEGRATION_METHODS
 from .graph import ShouldStop, never
+from .memory import OVERHEAD_BYTES, Estimate
 from .objectives import Objective, check, loss
-
-METHODS = ("saliency", "input_x_gradient", "integrated_gradients")
-"""saliency: the gradient (LayerGradientXActivation, multiply_by_inputs=False);
-input_x_gradient: gradient x activation; integrated_gradients: LayerIntegratedGradients."""
-
-AGGREGATES = ("sum", "l2")
-"""How a position's attribution is summed over the node's hidden dimensions."""
-
-MAX_CONTINUATION = 512
-"""Most continuation tokens one call may attribute."""
-
-MAX_STEPS = 512
-"""Most integration steps one call may ask for."""
-
-MAX_ROWS = 32768
-"""Most rows (continuation tokens x integration steps) one call may run."""
-
-
-@dataclass(frozen=True)
-class TokenAttribution:
-    """One token attribution, as the caller asked for it."""
-
-    prompt: torch.Tensor
-    """int64 (P,)."""
-    continuation: torch.Tensor | None
-    """int64 (K,); None attributes `objective` instead."""
-    method: str
-    node: str = ""
-    aggregate: str = "sum"
-    n_steps: int | None = None
-    integration_method: str = INTEGRATION_METHODS[0]
-    baseline_token: int = 0
-    objective: Objective | None = None
-    internal_batch_size: int | None = None
-
-
-@dataclass
-class TokensAttributed:
-    """The scores, on the host, and how they were computed."""
-
-    scores: torch.Tensor
-    """(continuation tokens, prompt tokens); (1, prompt tokens) for an objective."""
-    values: list[float]
-    """Each continuation token's log-probability, or the objective's value."""
-    node: str
-    device: str
-    passes: int = 0
-    internal_batch_size: int = 0
-    compute_ms: float = 0.0
+from .token_requests import AGGREGATES as AGGREGATES
+from .token_requests import METHODS as METHODS
+from .token_requests import TokenAttribution as TokenAttribution
+from .token_requests import TokensAttributed as TokensAttributed
+from .token_requests import check_request, error
 
 
 @dataclass(frozen=True)
@@ -97,10 +53,6 @@ class _Group:
     length: int
     scored: tuple[tuple[int, int], ...]
     """(continuation token id, position of the logits scoring it); empty for an objective."""
-
-
-def _error(message: str, reason: str, field: str) -> InvalidArgument:
-    return InvalidArgument(message, reason=reason, field=field)
 
 
 class TokenAttributor:
@@ -114,11 +66,17 @@ class TokenAttributor:
         self._rows: dict[tuple[str, str, int], int] = {}
 
     def attribute(
-        self, model: Model, request: TokenAttribution, should_stop: ShouldStop = never
+        self,
+        model: Model,
+        request: TokenAttribution,
+        should_stop: ShouldStop = never,
+        share: int | None = None,
     ) -> TokensAttributed:
-        """Runs one token attribution; raises RequestError subclasses on bad requests."""
+        """Runs one token attribution; raises RequestError subclasses on bad requests. With a
+        `share` (bytes: the call's share of the server's memory budget), a pass takes at most
+        that, and a caller's internal_batch_size is lowered to fit it (scores are the same)."""
         try:
-            return self._attribute(model, request, should_stop)
+            return self._attribute(model, request, should_stop, share)
         except torch.OutOfMemoryError:
             if self.engine.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -130,15 +88,38 @@ class TokenAttributor:
 
     # -- checks -----------------------------------------------------------------------------
 
+    def working_memory(
+        self, model: Model, request: TokenAttribution, share: int | None = None
+    ) -> Estimate:
+        """Checks the request's bounds and estimates its peak working memory: one pass of
+        the rows `attribute` puts in a pass, with their gradients."""
+        slot = token_input(model)
+        count = 0 if request.continuation is None else int(request.continuation.numel())
+        steps = check_request(request, count)
+        length = int(request.prompt.numel()) + max(count - 1, 0)
+        check_length(model, slot, int(request.prompt.numel()), length)
+        row = 2 * self._row_bytes(model, slot, length)  # a row's values and their gradients
+        rows = min(self._per_pass(request, row, share), max(count, 1) * (steps or 1))
+        return Estimate(rows * row + OVERHEAD_BYTES, "internal_batch_size")
+
+    @staticmethod
+    def _per_pass(request: TokenAttribution, row: int, share: int | None) -> int:
+        """Rows per pass: the caller's, or as many as the activation limit (or the share of
+        the budget, if smaller) allows; never over the share."""
+        limit = ACTIVATION_BUDGET_BYTES if share is None else min(share, ACTIVATION_BUDGET_BYTES)
+        fits = max(1, limit // max(row, 1))
+        asked = request.internal_batch_size or fits
+        return asked if share is None else min(asked, fits)
+
     def _attribute(
-        self, model: Model, request: TokenAttribution, should_stop: ShouldStop
+        self, model: Model, request: TokenAttribution, should_stop: ShouldStop, share: int | None
     ) -> TokensAttributed:
         started = time.perf_counter()
         slot = token_input(model)
         prompt = request.prompt
         continuation = request.continuation
         count = 0 if continuation is None else int(continuation.numel())
-        steps = _check(request, count)
+        steps = check_request(request, count)
         sequence = prompt if continuation is None else torch.cat([prompt, continuation[:-1]])
         length = int(sequence.numel())
         check_length(model, slot, int(prompt.numel()), length)
@@ -147,7 +128,7 @@ class TokenAttributor:
         objective = request.objective
         if continuation is None:
             if objective is None:
-                raise _error(
+                raise error(
                     "without a continuation, attribute_tokens attributes an objective: give one",
                     "OBJECTIVE_REQUIRED",
                     "objective",
@@ -168,7 +149,7 @@ class TokenAttributor:
         rows = sum(max(len(g.scored), 1) for g in groups) * (steps or 1)
         batch = model.inputs[slot].dims[0]
         most = 1 if batch.size is not None else batch.max
-        per_pass = request.internal_batch_size or self._fits(model, slot, node, length)
+        per_pass = self._per_pass(request, 2 * self._row_bytes(model, slot, length), share)
         per_pass = max(1, min(per_pass, rows, most if most is not None else rows))
         scores = []
         values: list[float] = []
@@ -198,7 +179,7 @@ class TokenAttributor:
         if not name:
             found = token_embedding(model, slot)
             if found is None:
-                raise _error(
+                raise error(
                     f"{model.name} has no embedding of its token ids that gradtap can find: "
                     "name the node to attribute to",
                     "LAYER_REQUIRED",
@@ -207,7 +188,7 @@ class TokenAttributor:
             return found
         node = model.resolve(name)
         if node is None:
-            raise _error(
+            raise error(
                 f"unknown node {name[:80]!r}: not a graph node or module path of {model.name} "
                 "(DescribeModel lists them)",
                 "UNKNOWN_TARGET",
@@ -215,7 +196,7 @@ class TokenAttributor:
             )
         info = model.nodes[node]
         if not info.differentiable:
-            raise _error(
+            raise error(
                 f"node {name[:80]!r} has dtype {dtype_name(info.spec.dtype)}; it has no gradient",
                 "NOT_DIFFERENTIABLE",
                 "node",
@@ -223,7 +204,7 @@ class TokenAttributor:
         ids = model.inputs[slot].dims
         dims = info.spec.dims
         if len(dims) < 2 or dims[0].symbol != ids[0].symbol or dims[1].symbol != ids[1].symbol:
-            raise _error(
+            raise error(
                 f"node {name[:80]!r} is not shaped (N, S, ...), batch then sequence, like the "
                 "token ids: token attribution reads one value per token there",
                 "WRONG_SHAPE",
@@ -235,7 +216,7 @@ class TokenAttributor:
         if objective.node:
             site = model.resolve(objective.node)
             if site is None:
-                raise _error(
+                raise error(
                     f"unknown objective node {objective.node[:80]!r}",
                     "UNKNOWN_TARGET",
                     f"{objective.field}.site.node",
@@ -244,7 +225,7 @@ class TokenAttributor:
         elif objective.output < len(model.outputs):
             spec = model.outputs[objective.output]
         else:
-            raise _error(
+            raise error(
                 f"output {objective.output} does not exist: {model.name} has "
                 f"{len(model.outputs)} output(s)",
                 "UNKNOWN_OUTPUT",
@@ -282,23 +263,23 @@ class TokenAttributor:
 
     # -- the passes -------------------------------------------------------------------------
 
-    def _fits(self, model: Model, slot: int, node: str, length: int) -> int:
-        """Rows per pass that keep a pass's activations within the budget (kept per model
-        and sequence length: the sum runs over every node's symbolic shape)."""
+    def _row_bytes(self, model: Model, slot: int, length: int) -> int:
+        """The bytes of every node's value for one row of `length` tokens (kept per model and
+        length: the sum runs over every node's symbolic shape)."""
         key = (model.name, model.digest, length)
-        fits = self._rows.get(key)
-        if fits is None:
+        found = self._rows.get(key)
+        if found is None:
             symbols = bound(model, slot, 1, length)
-            total = 0
+            found = 0
             for info in model.nodes.values():
                 sizes = shape_of(info.spec, symbols)
-                total += math.prod(s or 1 for s in sizes) * info.spec.dtype.itemsize
-            fits = max(1, ACTIVATION_BUDGET_BYTES // (2 * max(total, 1)))
+                found += math.prod(s or 1 for s in sizes) * info.spec.dtype.itemsize
+            found = max(found, 1)
             with self._lock:
                 if len(self._rows) >= 1024:
                     self._rows.clear()
-                self._rows[key] = fits
-        return fits
+                self._rows[key] = found
+        return found
 
     def _value(self, model: Model, slot: int, node: str, ids: torch.Tensor) -> torch.Tensor:
         """The node's value for one sequence, (L, ...), without gradients."""
@@ -379,7 +360,7 @@ class TokenAttributor:
                 except (RuntimeError, IndexError, ValueError) as e:
                     if isinstance(e, torch.OutOfMemoryError):
                         raise
-                    raise _error(
+                    raise error(
                         f"the model could not run on these tokens ({type(e).__name__}); check "
                         "that the token ids lie within the vocabulary",
                         "MODEL_REJECTED_INPUT",
@@ -456,62 +437,3 @@ class TokenAttributor:
             flat = [flat[0].expand(len(targets), *flat[0].shape[1:])]
         scores = self._scores(model, flat, len(model.outputs), objective, list(targets))
         return [float(v) for v in scores.tolist()]
-
-
-def _check(request: TokenAttribution, count: int) -> int | None:
-    """The integration steps (None for the other methods), every bound checked."""
-    if request.method not in METHODS:
-        raise _error(
-            f"attribute_tokens takes the methods {', '.join(METHODS)}, not {request.method!r}",
-            "UNKNOWN_METHOD",
-            "method",
-        )
-    if request.aggregate not in AGGREGATES:
-        raise _error("aggregate must be sum or l2", "BAD_PARAMETER", "aggregate")
-    prompt = request.prompt
-    if prompt.dtype != torch.int64 or prompt.dim() != 1 or prompt.numel() < 1:
-        raise _error("prompt must be int64 token ids shaped (P,), P >= 1", "WRONG_SHAPE", "prompt")
-    continuation = request.continuation
-    if continuation is not None:
-        if continuation.dtype != torch.int64 or continuation.dim() != 1:
-            raise _error(
-                "continuation must be int64 token ids shaped (K,)", "WRONG_SHAPE", "continuation"
-            )
-        if count > MAX_CONTINUATION:
-            raise _error(
-                f"continuation has {count} tokens; one call attributes at most {MAX_CONTINUATION}",
-                "OUT_OF_RANGE",
-                "continuation",
-            )
-        if request.objective is not None:
-            raise _error(
-                "a continuation is attributed through its log-probabilities: give a "
-                "continuation or an objective, not both",
-                "BAD_OBJECTIVE",
-                "objective",
-            )
-    ig = request.method == "integrated_gradients"
-    for name in ("n_steps", "integration_method", "baseline_token"):
-        given = getattr(request, name) != getattr(TokenAttribution, name, None)
-        if given and not ig:
-            raise _error(f"{name} belongs to integrated_gradients", "BAD_PARAMETER", name)
-    if not ig:
-        return None
-    steps = 50 if request.n_steps is None else request.n_steps
-    if not 1 <= steps <= MAX_STEPS:
-        raise _error(
-            f"n_steps is {steps}; it must be in [1, {MAX_STEPS}]", "OUT_OF_RANGE", "n_steps"
-        )
-    if max(count, 1) * steps > MAX_ROWS:
-        raise _error(
-            f"{count} continuation tokens x {steps} steps is {count * steps} rows; one call "
-            f"runs at most {MAX_ROWS}: send fewer tokens or steps",
-            "OUT_OF_RANGE",
-            "n_steps",
-        )
-    if request.integration_method not in INTEGRATION_METHODS:
-        rule = request.integration_method[:40]
-        raise _error(f"unknown integration method {rule!r}", "BAD_PARAMETER", "integration_method")
-    if request.internal_batch_size is not None and request.internal_batch_size < 1:
-        raise _error("internal_batch_size must be >= 1", "OUT_OF_RANGE", "internal_batch_size")
-    return steps

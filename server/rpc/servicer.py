@@ -208,8 +208,11 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         with requests.model(self.registry, request.model) as model:
             given = tokens.texts(request, model)
             attribution = tokens.attribution(request, model, self.limits, given)
-            with deadline.time_limit(context) as should_stop:
-                outcome = self.engine.compute.run(
-                    self._tokens.attribute, model, attribution, should_stop
-                )
-            yield from tokens.stream(outcome, model, self.replica, started, given)
+            share = self._share()
+            estimate = self._tokens.working_memory(model, attribution, share)
+            with self._held(estimate, "this AttributeTokens call", context):
+                with deadline.time_limit(context) as should_stop:
+                    outcome = self.engine.compute.run(
+                        self._tokens.attribute, model, attribution, should_stop, share
+                    )
+                yield from tokens.stream(outcome, model, self.replica, started, given)

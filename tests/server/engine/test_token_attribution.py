@@ -5,6 +5,7 @@ MiniLM encoder; its limits and errors."""
 
 from __future__ import annotations
 
+import shutil
 from typing import Any
 
 import numpy as np
@@ -17,6 +18,7 @@ from captum.attr import (
     TextTokenInput,
 )
 from gradtap.client import Client, GradtapError, Objective
+from gradtap.server import Settings, start
 from torch import nn
 
 from ... import language_models as lm
@@ -364,3 +366,31 @@ def test_internal_batch_size_splits_the_rows_into_passes_without_changing_the_sc
     assert (whole.metadata["passes"], split.metadata["passes"]) == (1, -(-rows // 3))
     assert split.metadata["internal_batch_size"] == 3
     np.testing.assert_allclose(split.scores, whole.scores, rtol=1e-5, atol=1e-8)
+
+
+def test_a_small_memory_budget_lowers_internal_batch_size_and_refuses_what_cannot_fit(
+    lm_served: LanguageServed, lm_client: Client, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    # 24 MiB over 16 places: a 1.5 MiB share, a few of the small Llama's rows per pass.
+    repository = tmp_path_factory.mktemp("small-budget")
+    shutil.copy(lm_served.repository / "lm-llama.pt2", repository)
+    asked = dict(n_steps=20, internal_batch_size=10**6)
+    whole = lm_client.attribute_tokens("lm-llama", PROMPT, CONTINUATION, **asked)
+    for budget in ("24MiB", "8MiB"):
+        settings = Settings(device="cpu", model_repository=repository, memory_budget=budget)
+        running = start("127.0.0.1:0", settings)
+        try:
+            with Client(f"127.0.0.1:{running.port}", timeout=120) as c:
+                if budget == "8MiB":  # below the 16 MiB every call's estimate counts
+                    with pytest.raises(GradtapError) as refused:
+                        c.attribute_tokens("lm-llama", PROMPT, CONTINUATION, **asked)
+                    assert refused.value.reason == "MEMORY_BUDGET"
+                    assert "internal_batch_size" in refused.value.message
+                    continue
+                lowered = c.attribute_tokens("lm-llama", PROMPT, CONTINUATION, **asked)
+        finally:
+            running.server.stop(None).wait()
+        used = lowered.metadata["internal_batch_size"]
+        assert 1 <= used < len(CONTINUATION) * 20
+        assert lowered.metadata["passes"] == -(-len(CONTINUATION) * 20 // used)
+        np.testing.assert_allclose(lowered.scores, whole.scores, rtol=1e-5, atol=1e-8)
