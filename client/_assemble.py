@@ -55,6 +55,18 @@ def decode_many_response(data: bytes) -> pb.AnalyzeManyResponse | RawChunk:
     return single_chunk(data, _MANY_CHUNKS_TAG) or pb.AnalyzeManyResponse.FromString(data)
 
 
+def _served(summary: Any) -> dict[str, Any]:
+    """The metadata every result carries from its summary: which version of the model
+    computed it, where, with which torch, on which replica."""
+    return {
+        "model_version": summary.model_version,
+        "model_digest": summary.model_digest,
+        "device": summary.device,
+        "torch_version": summary.torch_version,
+        "replica": summary.replica,
+    }
+
+
 class Reply(Generic[T]):
     """The assembler of a call with one response message: `convert` makes the result."""
 
@@ -199,11 +211,7 @@ class AnalysisAssembler:
             loss=s.loss,
             metadata={
                 "model": self._model,
-                "model_version": s.model_version,
-                "model_digest": s.model_digest,
-                "device": s.device,
-                "torch_version": s.torch_version,
-                "replica": s.replica,
+                **_served(s),
                 "batch_size": s.batch_size,
                 "precision": s.precision,
                 "timings": {
@@ -294,12 +302,8 @@ class AttributionAssembler(_OneTensor):
             attribution,
             {
                 **self._about,
-                "model_version": s.model_version,
-                "model_digest": s.model_digest,
-                "device": s.device,
-                "torch_version": s.torch_version,
+                **_served(s),
                 "captum_version": s.captum_version,
-                "replica": s.replica,
                 "seed": s.seed,
                 "internal_batch_size": s.internal_batch_size,
                 "timings": {"compute_ms": s.compute_ms, "total_ms": s.total_ms},
@@ -348,12 +352,8 @@ class TokenAttributionAssembler(_OneTensor):
             metadata={
                 **self._about,
                 "node": s.node,
-                "model_version": s.model_version,
-                "model_digest": s.model_digest,
-                "device": s.device,
-                "torch_version": s.torch_version,
+                **_served(s),
                 "captum_version": s.captum_version,
-                "replica": s.replica,
                 "passes": s.passes,
                 "internal_batch_size": s.internal_batch_size,
                 "timings": {"compute_ms": s.compute_ms, "total_ms": s.total_ms},
@@ -396,11 +396,7 @@ class PerturbAssembler(_OneTensor):
             metadata=PerturbMetadata(
                 {
                     **self._about,
-                    "model_version": s.model_version,
-                    "model_digest": s.model_digest,
-                    "device": s.device,
-                    "torch_version": s.torch_version,
-                    "replica": s.replica,
+                    **_served(s),
                     "seed": s.seed,
                     "timings": {"total_ms": s.total_ms},
                 }
