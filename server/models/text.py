@@ -17,7 +17,7 @@ import torch
 
 from ..errors import FailedPrecondition, InvalidArgument, ModelLoadError
 from .model import Model
-from .tokens import FILLED_INPUTS, fill, token_input
+from .tokens import FILLED_INPUTS, fill, sequence_range, token_input
 
 TOKENIZER_FILE = "tokenizer.json"
 """The extra file of an archive that holds its tokenizer (Hugging Face's tokenizers format)."""
@@ -141,11 +141,8 @@ def text_inputs(model: Model, tokenized: Tokenized, field: str) -> list[torch.Te
 
 
 def _check_length(model: Model, slot: int, length: int, field: str) -> None:
-    dim = model.inputs[slot].dims[1]
-    low = dim.size if dim.size is not None else dim.min
-    high = dim.size if dim.size is not None else dim.max
+    low, high, span = sequence_range(model, slot)
     if length < low or (high is not None and length > high):
-        span = f"{low}" if low == high else f"{low} to {high if high is not None else 'any'}"
         raise _error(
             f"{field} make {length} tokens (with the tokenizer's special tokens); "
             f"{model.name} takes sequences of {span} tokens",

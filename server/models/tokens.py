@@ -83,15 +83,23 @@ def bound(model: Model, slot: int, rows: int, length: int) -> dict[str, int]:
     return {d.symbol: v for d, v in zip(dims, (rows, length)) if d.size is None}
 
 
+def sequence_range(model: Model, slot: int) -> tuple[int, int | None, str]:
+    """The token input's shortest and longest sequence (None: no bound), and the range in
+    the user's words ("2 to 64", "16", "2 to any")."""
+    dim = model.inputs[slot].dims[1]
+    low = dim.size if dim.size is not None else dim.min
+    high = dim.size if dim.size is not None else dim.max
+    span = f"{low}" if low == high else f"{low} to {high if high is not None else 'any'}"
+    return low, high, span
+
+
 def check_length(model: Model, slot: int, shortest: int, longest: int) -> None:
     """Refuses sequences outside the token input's range, naming the prompt: token
     attribution runs sequences of every length from the prompt's to prompt + continuation
     less its last token. Also refuses a static batch size other than 1."""
-    batch, dim = model.inputs[slot].dims
-    low = dim.size if dim.size is not None else dim.min
-    high = dim.size if dim.size is not None else dim.max
+    batch = model.inputs[slot].dims[0]
+    low, high, span = sequence_range(model, slot)
     if shortest < low or (high is not None and longest > high):
-        span = f"{low}" if low == high else f"{low} to {high if high is not None else 'any'}"
         raise _error(
             f"the prompt has {shortest} tokens and with the continuation (less its last token) "
             f"makes {longest}; {model.name} takes sequences of {span} tokens",
