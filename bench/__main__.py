@@ -133,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if NEEDS_MAIN_SERVER & set(args.sections):
                 server = GradtapServer(cfg.threads, main_repo, extra=["--shared-memory"])
-                results["config"]["main_server"] = " ".join(["gradtap", *server.command[1:]])
+                command = " ".join(["gradtap", *server.command[1:]])
+                # the run's temporary folder says nothing about the machine, and changes each run
+                results["config"]["main_server"] = command.replace(str(main_repo), "REPOSITORY")
             for name in args.sections:
                 if name == "overhead":
                     from . import overhead
