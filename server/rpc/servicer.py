@@ -11,6 +11,7 @@ import os
 import socket
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from typing import Any
 
 import grpc
@@ -64,19 +65,15 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         """Releases what finished calls left behind; call it once the server has stopped."""
         self._releaser.close()
 
-    @contextlib.contextmanager
     def _held(
-        self, estimate: memory.Estimate, what: str, context: grpc.ServicerContext
-    ) -> Iterator[None]:
-        """Holds the call's estimated working memory for the block, waiting for it within the
-        call's time (a call that could never fit is refused at once)."""
+        self, estimate: memory.Estimate, what: str, should_stop: Callable[[], bool]
+    ) -> AbstractContextManager[None]:
+        """Holds the call's estimated working memory for the block, waiting for it until
+        `should_stop` (the call's time limit, inside whose block this is entered): a call
+        that could never fit is refused at once."""
         if self.budget is None:
-            yield
-            return
-        with contextlib.ExitStack() as holding:
-            with deadline.time_limit(context) as should_stop:
-                holding.enter_context(self.budget.hold(estimate, what, should_stop))
-            yield
+            return contextlib.nullcontext()
+        return self.budget.hold(estimate, what, should_stop)
 
     def _share(self) -> int | None:
         return None if self.budget is None else self.budget.share
@@ -103,11 +100,13 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
             call = requests.analyze(request, model, self.limits, peer=context.peer)
             estimate = memory.analysis_bytes(model, call.analysis)
             opened = shm.opened(call.region) if call.region else contextlib.nullcontext()
-            with self._held(estimate, "this Analyze call", context):
+            with (
+                deadline.time_limit(context) as should_stop,
+                self._held(estimate, "this Analyze call", should_stop),
+            ):
                 with opened as region:
                     decoded = time.perf_counter()
-                    with deadline.time_limit(context) as should_stop:
-                        outcome = self.run(model, call.analysis, should_stop=should_stop)
+                    outcome = self.run(model, call.analysis, should_stop=should_stop)
                     self._releaser.free_after_call(context, outcome)
                     summary = responses.analyze_summary(
                         outcome, model, self.replica, started, decoded
@@ -123,14 +122,13 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
     ) -> Iterator[Any]:  # messages, or pre-encoded chunk messages (bytes)
         # the first item's model, held for every item
         with contextlib.ExitStack() as holding, deadline.time_limit(context) as should_stop:
-            yield from self._many(items, holding, should_stop, context)
+            yield from self._many(items, holding, should_stop)
 
     def _many(
         self,
         items: Iterator[pb.AnalyzeManyRequest],
         holding: contextlib.ExitStack,
         should_stop: Callable[[], bool],
-        context: grpc.ServicerContext,
     ) -> Iterator[Any]:
         stream_started = time.perf_counter()
         omit = False
@@ -152,7 +150,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
                 decoded = time.perf_counter()
                 estimate = memory.analysis_bytes(model, analysis)
             # Each item holds its working memory until its results are sent, and no longer.
-            with self._held(estimate, f"item {k} of this AnalyzeMany call", context):
+            with self._held(estimate, f"item {k} of this AnalyzeMany call", should_stop):
                 with requests.item(k):
                     outcome = self.engine.analyze(model, analysis, should_stop=should_stop)
                     if aggregator is not None:
@@ -176,11 +174,13 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
             attribution = requests.attribution(request, model, self.limits)
             share = self._share()
             estimate = working_memory(model, attribution, share)
-            with self._held(estimate, f"this {attribution.method} call", context):
-                with deadline.time_limit(context) as should_stop:
-                    outcome = self.engine.compute.run(
-                        attribute, self.engine.device, model, attribution, should_stop, share
-                    )
+            with (
+                deadline.time_limit(context) as should_stop,
+                self._held(estimate, f"this {attribution.method} call", should_stop),
+            ):
+                outcome = self.engine.compute.run(
+                    attribute, self.engine.device, model, attribution, should_stop, share
+                )
                 yield from responses.attribute_stream(outcome, model, self.replica, started)
 
     @status_mapped
@@ -192,8 +192,8 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
             perturbation = requests.perturbation(request, model, self.limits)
             estimate = memory.perturbation_bytes(model, perturbation.inputs)
             with (
-                self._held(estimate, f"this {perturbation.method} call", context),
                 deadline.time_limit(context) as should_stop,
+                self._held(estimate, f"this {perturbation.method} call", should_stop),
             ):
                 steps = perturb(self.engine, model, perturbation, should_stop=should_stop)
                 # each step on a compute thread, other calls' computations in between
@@ -210,9 +210,11 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
             attribution = tokens.attribution(request, model, self.limits, given)
             share = self._share()
             estimate = self._tokens.working_memory(model, attribution, share)
-            with self._held(estimate, "this AttributeTokens call", context):
-                with deadline.time_limit(context) as should_stop:
-                    outcome = self.engine.compute.run(
-                        self._tokens.attribute, model, attribution, should_stop, share
-                    )
+            with (
+                deadline.time_limit(context) as should_stop,
+                self._held(estimate, "this AttributeTokens call", should_stop),
+            ):
+                outcome = self.engine.compute.run(
+                    self._tokens.attribute, model, attribution, should_stop, share
+                )
                 yield from tokens.stream(outcome, model, self.replica, started, given)
